@@ -1,0 +1,3 @@
+"""excp: checkpoint compression for training runs."""
+
+__version__ = "0.1.0"

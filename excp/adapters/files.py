@@ -1,0 +1,100 @@
+"""Reading user files safely and writing restored checkpoints without clobbering anything.
+
+Checkpoints come from anywhere, so they are read with ``weights_only=True`` only: a
+pickle that would construct arbitrary objects is refused, never executed. Restores go
+to a temporary sibling first and are renamed into place, so a failed restore leaves no
+half-written checkpoint behind, and they never overwrite what a user already has.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from excp.errors import InvalidInput
+
+ACCEPTS = (
+    "excp accepts a torch.save'd dict with 'model' and 'optimizer', a Hugging Face "
+    "Trainer checkpoint directory, or a bare state_dict"
+)
+
+
+def first_line(exc: BaseException) -> str:
+    """A one-line reason from an exception whose message may span a page."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:200]
+
+
+def not_a_checkpoint(path: Path, reason: str) -> InvalidInput:
+    return InvalidInput(f"{path} is not a checkpoint: {reason}; {ACCEPTS}")
+
+
+def load_torch(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise not_a_checkpoint(path, f"torch cannot load it safely ({first_line(exc)})") from exc
+
+
+def load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
+    """The tensors of a safetensors file and its header metadata (kept for writing back)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata()
+        return load_file(str(path)), metadata
+    except Exception as exc:
+        reason = f"not a readable safetensors file ({first_line(exc)})"
+        raise not_a_checkpoint(path, reason) from exc
+
+
+def check_output(out: Path, *, directory: bool) -> None:
+    """Refuse an ``out`` that exists, except an empty directory for directory layouts."""
+    if directory and out.is_dir() and not any(out.iterdir()):
+        return
+    if out.exists() or out.is_symlink():
+        hint = "a new path or an empty directory" if directory else "a new path"
+        raise InvalidInput(f"{out} already exists and excp never overwrites; pick {hint}")
+
+
+@contextmanager
+def staged_file(out: Path) -> Iterator[Path]:
+    """A temporary path next to ``out`` that becomes ``out`` when the block succeeds."""
+    check_output(out, directory=False)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(out)
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def staged_dir(out: Path) -> Iterator[Path]:
+    """A temporary directory next to ``out`` that becomes ``out`` when the block succeeds."""
+    check_output(out, directory=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(out)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.is_dir():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _sibling(out: Path) -> Path:
+    """A fresh hidden name beside ``out``; unlike tempfile's, what is created there gets the
+    user's usual permissions (mkstemp would make the restored checkpoint private)."""
+    return out.with_name(f".{out.name}.{uuid.uuid4().hex[:12]}.part")

@@ -1,0 +1,231 @@
+"""The Python API: push, restore, ls, inspect, rebuild, verify.
+
+The CLI, the training-loop hook and the REST service are thin shells over these
+functions; they take a checkpoint (path, dict or Bundle), a run name and a store
+(URL or :class:`~excp.store.Store`), and raise only :class:`~excp.errors.ExcpError`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from excp.adapters import load_checkpoint, save_checkpoint, torch_dict
+from excp.bundle import FLOAT_DTYPES, Bundle, Role
+from excp.cache import ReconCache
+from excp.chain import Base, Chain, Commit, PushResult, recon_digest
+from excp.codec.params import CodecParams
+from excp.codec.pipeline import Reconstruction
+from excp.errors import InvalidInput
+from excp.format.container import ArchiveReader
+from excp.store import Store, open_store
+
+Progress = Callable[[int], None] | None
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    """How to rebuild a run's initial weights: ``factory`` is ``pkg.module:fn`` and
+    ``fn(seed)`` returns an ``nn.Module`` or a state dict."""
+
+    seed: int
+    factory: str
+
+
+def _store(store: str | Store | None) -> Store:
+    return store if isinstance(store, Store) else open_store(store)
+
+
+def build_base(spec: BaseSpec) -> Reconstruction:
+    """The floating-point tensors of ``factory(seed)``'s state dict."""
+    module_name, _, attr = spec.factory.partition(":")
+    if not module_name or not attr:
+        raise InvalidInput(f"model factory {spec.factory!r} must look like pkg.module:function")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise InvalidInput(f"cannot load model factory {spec.factory!r}: {exc}") from None
+    made = fn(spec.seed)
+    state = made.state_dict() if isinstance(made, torch.nn.Module) else made
+    if not isinstance(state, dict):
+        raise InvalidInput(f"model factory {spec.factory!r} returned {type(made).__name__}, "
+                           "not an nn.Module or a state dict")
+    return {k: v.detach() for k, v in state.items()
+            if isinstance(v, torch.Tensor) and v.dtype in FLOAT_DTYPES}
+
+
+def to_bundle(checkpoint: str | Path | Bundle | dict) -> Bundle:
+    if isinstance(checkpoint, Bundle):
+        return checkpoint
+    if isinstance(checkpoint, dict):
+        return torch_dict.to_bundle(checkpoint)
+    return load_checkpoint(checkpoint)
+
+
+def _ensure_run(chain: Chain, params: CodecParams | None, base: BaseSpec | None,
+                bundle: Bundle) -> Reconstruction | None:
+    """Create the run on first push; check options against an existing run.
+    Returns the base reconstruction when the run starts from a rebuilt base."""
+    base_recon = build_base(base) if base else None
+    if base_recon is not None:
+        base_recon = {e.name: base_recon[e.name] for e in bundle.weights() if e.name in base_recon}
+    if not chain.exists():
+        record = Base(base.seed, base.factory, recon_digest(base_recon)) if base else None
+        chain.create(params or CodecParams(), record)
+    elif params is not None and params != chain.params():
+        raise InvalidInput(
+            f"run {chain.run!r} was created with different codec options "
+            f"({chain.params().to_dict()}); drop the options or push to a new --run")
+    return base_recon
+
+
+def push(checkpoint: str | Path | Bundle | dict, run: str, *, step: int | None = None,
+         store: str | Store | None = None, params: CodecParams | None = None,
+         base: BaseSpec | None = None, parent_recon: Reconstruction | None = None,
+         progress: Progress = None) -> tuple[PushResult, Reconstruction]:
+    """Compress ``checkpoint`` as step ``step`` of ``run`` and commit it.
+
+    ``parent_recon`` is the head's reconstruction if the caller kept it (the hook
+    does); otherwise it comes from the local cache or by decoding the chain. Returns
+    the result and this step's reconstruction.
+    """
+    bundle = to_bundle(checkpoint)
+    step = bundle.step if step is None else step
+    if step is None:
+        raise InvalidInput("this checkpoint does not say its step: pass --step N")
+    st = _store(store)
+    chain = Chain(st, run)
+    base_recon = _ensure_run(chain, params, base, bundle)
+    cache = ReconCache(st.url, run)
+
+    def parent_of(head: Commit) -> Reconstruction:
+        if parent_recon is not None:
+            return parent_recon
+        cached = cache.get(head.step, head.digest)
+        if cached is not None:
+            return cached
+        return chain.restore(head.step, base_recon=base_recon or _base_for(base))[1]
+
+    result, recon = chain.push(bundle, step, parent_of, base_recon, progress)
+    if result.created:
+        cache.put(step, result.commit.digest, recon)
+    return result, recon
+
+
+def _base_for(base: BaseSpec | None) -> Reconstruction | None:
+    return build_base(base) if base else None
+
+
+def restore(run: str, step: int | str = "latest", out: str | Path | None = None, *,
+            store: str | Store | None = None, device: str = "cpu", base: BaseSpec | None = None,
+            progress: Progress = None) -> Bundle:
+    """Reconstruct ``step`` (or ``latest``); write it to ``out`` in the layout it was
+    pushed in, if given. Returns the bundle."""
+    chain = Chain(_store(store), run)
+    bundle, _ = chain.restore(chain.resolve(step), device, _base_for(base), progress)
+    if out is not None:
+        save_checkpoint(bundle, out)
+    return bundle
+
+
+def load_dict(bundle: Bundle) -> dict[str, Any]:
+    """A restored bundle of a torch.save'd dict, as that dict."""
+    return torch_dict.from_bundle(bundle)
+
+
+def list_runs(store: str | Store | None = None) -> list[str]:
+    keys = _store(store).list("runs/")
+    return sorted({k.split("/")[1] for k in keys if k.endswith("/run.json")})
+
+
+def list_commits(run: str, store: str | Store | None = None) -> list[Commit]:
+    chain = Chain(_store(store), run)
+    chain.config()
+    return chain.commits()
+
+
+def inspect_archive(path: str | Path | None = None, *, run: str | None = None,
+                    step: int | str | None = None, store: str | Store | None = None) -> dict[str, Any]:
+    """An archive's header (codec parameters), tensor table and stream sizes."""
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise InvalidInput(f"{path} is not a file: pass an .excp archive or --run/--step")
+        with open(file, "rb") as handle:
+            return _describe(ArchiveReader(handle, file.stat().st_size, str(path)))
+    if run is None:
+        raise InvalidInput("inspect needs an archive path or --run (and --step)")
+    chain = Chain(_store(store), run)
+    commit = chain.commit(chain.resolve(step if step is not None else "latest"))
+    with chain.store.open_read(commit.archive) as handle:
+        info = _describe(ArchiveReader(handle, commit.size, f"run {run!r} step {commit.step}"))
+    info["commit"] = commit.__dict__
+    return info
+
+
+def _describe(reader: ArchiveReader) -> dict[str, Any]:
+    units = []
+    for unit in reader.units:
+        units.append({
+            "name": unit.name, "codec": unit.codec, "meta": unit.meta,
+            "tensors": unit.tensors,
+            "streams": {name: {"raw": s["size"], "stored": sum(c[1] for c in s["chunks"]),
+                               "chunks": len(s["chunks"]),
+                               "xxh64": [c[3] for c in s["chunks"]]}
+                        for name, s in unit.streams.items()},
+        })
+    return {"header": reader.header, "units": units,
+            "extras": {name: e["size"] for name, e in reader.extras.items()}}
+
+
+def rebuild(run: str, out_dir: str | Path, *, store: str | Store | None = None,
+            base: BaseSpec | None = None, progress: Progress = None) -> list[Path]:
+    """Write every checkpoint of the run, in step order, decoding each link once."""
+    chain = Chain(_store(store), run)
+    chain.config()
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InvalidInput(f"{out} exists and is not an empty directory: pick a new output directory")
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for commit, bundle in chain.replay(_base_for(base)):
+        suffix = "" if bundle.layout == "hf_trainer" else ".pt"
+        written.append(save_checkpoint(bundle, out / f"step-{commit.step:012d}{suffix}"))
+        if progress:
+            progress(1)
+    return written
+
+
+@dataclass
+class VerifyReport:
+    checkpoints: int
+    bytes_checked: int
+
+
+def verify(run: str, *, store: str | Store | None = None, base: BaseSpec | None = None,
+           progress: Progress = None) -> VerifyReport:
+    """Check every archive's checksums and that every link decodes, in chain order."""
+    chain = Chain(_store(store), run)
+    chain.config()
+    report = VerifyReport(0, 0)
+    for commit, _ in chain.replay(_base_for(base), weights_only=True):
+        with chain.store.open_read(commit.archive) as handle:
+            ArchiveReader(handle, commit.size, f"run {run!r} step {commit.step}").verify()
+        report.checkpoints += 1
+        report.bytes_checked += commit.size
+        if progress:
+            progress(1)
+    return report
+
+
+def weights_of(bundle: Bundle) -> dict[str, torch.Tensor]:
+    return {e.name: e.tensor for e in bundle.weights()}
+
+
+__all__ = ["BaseSpec", "push", "restore", "rebuild", "verify", "list_runs", "list_commits",
+           "inspect_archive", "load_dict", "weights_of", "Role"]

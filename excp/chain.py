@@ -1,0 +1,342 @@
+"""A training run as a chain of checkpoints in a store.
+
+Store layout (any backend)::
+
+    runs/<run>/run.json                               codec parameters, base, created-at
+    runs/<run>/archives/<step:012d>-<digest>.excp     archive, written first
+    runs/<run>/commits/<step:012d>.json               commit record, written last
+
+A checkpoint exists iff its commit record exists; the record is written with
+``put_if_absent``, so of two racing writers exactly one commits a step. Every link
+is coded against its parent's *reconstruction*; every ``keyframe_every`` links a
+keyframe is coded standalone, so a restore walks at most that many links. The chain's
+root is a keyframe, or — for a run created with an init seed — a link against the
+weights the model factory rebuilds (checked against a stored hash).
+
+This is the only module that knows about parents and keyframes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from excp.bundle import Bundle, Role, TensorEntry
+from excp.codec.params import CodecParams
+from excp.codec.pipeline import Reconstruction, check_parent, decode_archive, encode_bundle
+from excp.errors import ChainMismatch, Conflict, CorruptData, InvalidInput, NotFound
+from excp.format.container import ArchiveReader, ArchiveWriter
+from excp.store import Store
+
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+RECORD_VERSION = 1
+MAX_STEP = 10**12 - 1
+
+
+def validate_run(run: str) -> str:
+    if not isinstance(run, str) or not RUN_NAME.fullmatch(run):
+        raise InvalidInput(
+            f"invalid run name {run!r}: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit")
+    return run
+
+
+def validate_step(step: int) -> int:
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEP:
+        raise InvalidInput(f"invalid step {step!r}: use an integer from 0 to {MAX_STEP}")
+    return step
+
+
+@dataclass(frozen=True)
+class Commit:
+    """The record that makes a step exist. ``depth`` counts links since the keyframe
+    (0 for a keyframe); ``parent`` is None for a keyframe or a link against the base."""
+
+    step: int
+    archive: str
+    digest: str
+    size: int
+    parent: int | None
+    keyframe: bool
+    depth: int
+    num_parameters: int
+    raw_bytes: int
+    input_digest: str
+    created_at: float
+    version: int = RECORD_VERSION
+
+    @property
+    def ratio(self) -> float:
+        return self.raw_bytes / max(self.size, 1)
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True, indent=1).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, label: str) -> Commit:
+        try:
+            fields = json.loads(data)
+            if fields.get("version") != RECORD_VERSION:
+                raise CorruptData(f"{label}: commit record version {fields.get('version')!r} "
+                                  f"is not {RECORD_VERSION}: upgrade excp")
+            return cls(**fields)
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise CorruptData(f"{label}: unreadable commit record ({exc}); run `excp verify`") from None
+
+
+@dataclass(frozen=True)
+class Base:
+    """The weights a run starts from when they are rebuilt from a seed rather than stored."""
+
+    seed: int
+    factory: str
+    digest: str
+
+
+@dataclass
+class PushResult:
+    commit: Commit
+    created: bool
+    stream_bytes: dict[str, int]
+
+
+def raw_size(bundle: Bundle) -> int:
+    """What the ratio is measured against: every weight and moment as float32."""
+    return sum(4 * e.tensor.numel() for e in bundle.tensors.values() if e.role is not Role.OTHER)
+
+
+def recon_digest(recon: Reconstruction) -> str:
+    """Content hash of a reconstruction (used to check a rebuilt base)."""
+    bundle = Bundle("base")
+    for name in sorted(recon):
+        bundle.add(TensorEntry(name, Role.WEIGHT, recon[name]))
+    return bundle.digest()
+
+
+def _same_tensors(bundle: Bundle, parent: Reconstruction, label: str) -> bool:
+    """Whether every weight has a parent to be coded against.
+
+    A changed shape or dtype is an error (a different model in the same run); a
+    weight the parent lacks (e.g. optimizer state appeared after step 0, turning a
+    tensor from ``other`` into a weight) only means this link must be a keyframe.
+    """
+    covered = True
+    for entry in bundle.weights():
+        prev = parent.get(entry.name)
+        covered = covered and prev is not None
+        check_parent(entry, prev, label)
+    return covered
+
+
+class Chain:
+    """One run in one store."""
+
+    def __init__(self, store: Store, run: str) -> None:
+        self.store = store
+        self.run = validate_run(run)
+        self._prefix = f"runs/{run}"
+
+    # --- records -------------------------------------------------------------
+
+    def exists(self) -> bool:
+        return self.store.exists(f"{self._prefix}/run.json")
+
+    def config(self) -> dict[str, Any]:
+        try:
+            data = self.store.get(f"{self._prefix}/run.json")
+        except NotFound:
+            raise NotFound(f"run {self.run!r} does not exist in {self.store.url}: "
+                           "check the name with `excp ls`") from None
+        try:
+            return json.loads(data)
+        except ValueError:
+            raise CorruptData(f"run {self.run!r}: run.json is unreadable; run `excp verify`") from None
+
+    def params(self) -> CodecParams:
+        return CodecParams.from_dict(self.config()["params"])
+
+    def base(self) -> Base | None:
+        base = self.config().get("base")
+        return Base(**base) if base else None
+
+    def create(self, params: CodecParams, base: Base | None) -> None:
+        record = {"params": params.to_dict(), "base": asdict(base) if base else None,
+                  "created_at": time.time(), "version": RECORD_VERSION}
+        self.store.put_if_absent(f"{self._prefix}/run.json", json.dumps(record, indent=1).encode())
+
+    def commits(self) -> list[Commit]:
+        keys = self.store.list(f"{self._prefix}/commits/")
+        return [self._read_commit(key) for key in keys if key.endswith(".json")]
+
+    def _commit_key(self, step: int) -> str:
+        return f"{self._prefix}/commits/{step:012d}.json"
+
+    def _read_commit(self, key: str) -> Commit:
+        return Commit.from_json(self.store.get(key), f"run {self.run!r}, {key.rsplit('/', 1)[-1]}")
+
+    def commit(self, step: int) -> Commit:
+        key = self._commit_key(validate_step(step))
+        if not self.store.exists(key):
+            raise NotFound(f"run {self.run!r} has no step {step}: list its steps with "
+                           f"`excp ls --run {self.run}`")
+        return self._read_commit(key)
+
+    def head(self) -> Commit | None:
+        keys = self.store.list(f"{self._prefix}/commits/")
+        return self._read_commit(keys[-1]) if keys else None
+
+    def resolve(self, step: int | str) -> int:
+        """A step number, or ``latest``."""
+        if step == "latest":
+            head = self.head()
+            if head is None:
+                raise NotFound(f"run {self.run!r} has no checkpoints yet")
+            return head.step
+        try:
+            return validate_step(int(step))
+        except (TypeError, ValueError):
+            raise InvalidInput(f"invalid step {step!r}: use a number or 'latest'") from None
+
+    # --- push ----------------------------------------------------------------
+
+    def push(self, bundle: Bundle, step: int, parent_recon: Callable[[Commit], Reconstruction],
+             base_recon: Reconstruction | None = None,
+             progress: Callable[[int], None] | None = None) -> tuple[PushResult, Reconstruction]:
+        """Code ``bundle`` as ``step`` after the head and commit it.
+
+        ``parent_recon(head)`` gives the head's reconstruction (a cache or a decode).
+        Returns the result and this step's reconstruction, for the next push.
+        """
+        validate_step(step)
+        params = self.params()
+        input_digest = bundle.digest()
+        head = self.head()
+        if head is not None and step <= head.step:
+            return self._repush(step, input_digest), {}
+        label = f"run {self.run!r} step {step}"
+        if head is None:
+            keyframe, parent, depth = base_recon is None, base_recon, 0
+        else:
+            keyframe = params.keyframe_every > 0 and head.depth + 1 >= params.keyframe_every
+            parent = None if keyframe else parent_recon(head)
+            if parent is not None and not _same_tensors(bundle, parent, f"run {self.run!r} step {step}"):
+                keyframe, parent = True, None
+            depth = 0 if keyframe else head.depth + 1
+        header = {"layout": bundle.layout, "run": self.run, "step": step,
+                  "parent": None if keyframe or head is None else head.step,
+                  "keyframe": keyframe, "params": params.to_dict()}
+        with tempfile.TemporaryFile() as spool:
+            writer = ArchiveWriter(spool, level=params.zstd_level)
+            recon = encode_bundle(bundle, writer, params, parent, keyframe, label, progress)
+            summary = writer.finish(header)
+            archive = f"{self._prefix}/archives/{step:012d}-{summary.digest}.excp"
+            spool.seek(0)
+            self.store.put(archive, spool)
+        commit = Commit(step=step, archive=archive, digest=summary.digest, size=summary.size,
+                        parent=header["parent"], keyframe=keyframe, depth=depth,
+                        num_parameters=bundle.num_parameters(), raw_bytes=raw_size(bundle),
+                        input_digest=input_digest, created_at=time.time())
+        if not self.store.put_if_absent(self._commit_key(step), commit.to_json()):
+            return self._repush(step, input_digest), {}
+        return PushResult(commit, True, summary.stream_bytes), recon
+
+    def _repush(self, step: int, input_digest: str) -> PushResult:
+        """A step at or before the head: a no-op if it is the same checkpoint."""
+        try:
+            existing = self.commit(step)
+        except NotFound:
+            raise Conflict(f"run {self.run!r}: step {step} is not after the head step "
+                           f"{self.head().step}; push steps in increasing order") from None
+        if existing.input_digest != input_digest:
+            raise Conflict(f"run {self.run!r} already has a different checkpoint at step {step}; "
+                           "push it under a new step or a new --run")
+        return PushResult(existing, False, {})
+
+    # --- restore -------------------------------------------------------------
+
+    def path_to(self, step: int) -> list[Commit]:
+        """The commits to decode, keyframe (or base-rooted link) first, ``step`` last."""
+        path = [self.commit(step)]
+        while path[-1].parent is not None:
+            parent = path[-1].parent
+            try:
+                path.append(self.commit(parent))
+            except NotFound:
+                raise CorruptData(f"run {self.run!r}: step {path[-1].step} needs step {parent}, "
+                                  "which is missing; restore a step from another segment") from None
+            if len(path) > MAX_STEP:
+                raise CorruptData(f"run {self.run!r}: the parents of step {step} form a cycle")
+        path.reverse()
+        return path
+
+    def read(self, commit: Commit, parent: Reconstruction | None, device: torch.device | str,
+             weights_only: bool) -> tuple[Bundle, Reconstruction]:
+        label = f"run {self.run!r} step {commit.step}"
+        try:
+            size = self.store.size(commit.archive)
+        except NotFound:
+            raise CorruptData(f"{label}: archive {commit.archive} is missing; "
+                              "restore another step or push this one again") from None
+        if size != commit.size:
+            raise CorruptData(f"{label}: archive is {size} bytes, its commit says {commit.size}")
+        with self.store.open_read(commit.archive) as handle:
+            reader = ArchiveReader(handle, size, label)
+            return decode_archive(reader, parent, device, weights_only)
+
+    def restore(self, step: int, device: torch.device | str = "cpu",
+                base_recon: Reconstruction | None = None,
+                progress: Callable[[int], None] | None = None) -> tuple[Bundle, Reconstruction]:
+        """Decode ``step`` by walking from its keyframe (or the rebuilt base)."""
+        path = self.path_to(step)
+        recon = None
+        if not path[0].keyframe:
+            recon = self.checked_base(base_recon)
+        for i, commit in enumerate(path):
+            last = i == len(path) - 1
+            bundle, recon = self.read(commit, recon, device, weights_only=not last)
+            if progress:
+                progress(1)
+        return bundle, recon
+
+    def replay(self, base_recon: Reconstruction | None = None, device: torch.device | str = "cpu",
+               weights_only: bool = False) -> Iterator[tuple[Commit, Bundle]]:
+        """Every checkpoint in step order, each link decoded once (rebuild, verify)."""
+        previous: Commit | None = None
+        recon: Reconstruction | None = None
+        for commit in self.commits():
+            if commit.keyframe:
+                parent = None
+            elif commit.parent is None:
+                parent = self.checked_base(base_recon)
+            elif previous is not None and commit.parent == previous.step:
+                parent = recon
+            else:
+                raise CorruptData(f"run {self.run!r}: step {commit.step} needs step {commit.parent}, "
+                                  "which is missing; restore a step from another segment")
+            bundle, recon = self.read(commit, parent, device, weights_only)
+            if bundle.step is not None and bundle.step != commit.step:
+                raise CorruptData(f"run {self.run!r}: the archive of step {commit.step} "
+                                  f"says step {bundle.step}")
+            yield commit, bundle
+            previous = commit
+
+    def checked_base(self, base_recon: Reconstruction | None) -> Reconstruction:
+        base = self.base()
+        if base is None:
+            raise CorruptData(f"run {self.run!r}: its first link has no keyframe and no base")
+        if base_recon is None:
+            raise InvalidInput(
+                f"run {self.run!r} starts from weights rebuilt from a seed: pass "
+                f"--init-seed {base.seed} --model-factory {base.factory}")
+        if recon_digest(base_recon) != base.digest:
+            raise ChainMismatch(
+                f"run {self.run!r}: the rebuilt base weights do not match the run's stored hash; "
+                f"use the factory and seed the run was created with ({base.factory}, {base.seed})")
+        return base_recon

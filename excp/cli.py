@@ -1,0 +1,205 @@
+"""The ``excp`` command: parse, call :mod:`excp.api`, print, map errors to exit codes.
+
+Exit codes: 0 ok; 1 unexpected error; 2 invalid input; 3 not found; 4 conflict;
+5 corrupt data; 6 unsupported format version; 7 store unavailable.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import wraps
+from typing import Any
+
+import click
+from tqdm import tqdm
+
+from excp import api
+from excp.codec.params import PRESETS, preset
+from excp.errors import ExcpError
+
+STORE_HELP = "Store URL: a directory, file://DIR, memory:// (default: $EXCP_STORE or ./excp-store)."
+
+
+def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """One line on stderr and the error's exit code, never a traceback."""
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ExcpError as err:
+            click.echo(f"excp: error [{err.code}]: {err.message}", err=True)
+            sys.exit(err.exit_code)
+    return wrapper
+
+
+@contextmanager
+def _bar(total: int, unit: str, desc: str) -> Iterator[Callable[[int], None]]:
+    with tqdm(total=total, unit=unit, unit_scale=True, desc=desc, leave=False,
+              disable=None, file=sys.stderr) as bar:
+        yield bar.update
+
+
+def _base(seed: int | None, factory: str | None) -> api.BaseSpec | None:
+    if (seed is None) != (factory is None):
+        raise click.UsageError("--init-seed and --model-factory go together")
+    return None if seed is None else api.BaseSpec(seed, factory)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return str(n)
+
+
+store_option = click.option("--store", default=None, envvar="EXCP_STORE", help=STORE_HELP)
+run_option = click.option("--run", "run", required=True, help="Run name.")
+base_options = [
+    click.option("--init-seed", type=int, default=None,
+                 help="Seed that rebuilds the run's initial weights (with --model-factory)."),
+    click.option("--model-factory", default=None,
+                 help="pkg.module:fn; fn(seed) returns the initial model or state dict."),
+]
+
+
+def with_base(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(base_options):
+        fn = option(fn)
+    return fn
+
+
+@click.group()
+@click.version_option(package_name="excp")
+def main() -> None:
+    """excp: checkpoint compression for training runs."""
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True))
+@run_option
+@click.option("--step", type=int, default=None, help="Step number (default: read from the checkpoint).")
+@store_option
+@click.option("--preset", "preset_name", type=click.Choice(list(PRESETS)), default=None,
+              help="Named codec configuration (default: default).")
+@click.option("--mode", type=click.Choice(["excp", "lossless"]), default=None,
+              help="Lossy ExCP or bit-exact.")
+@click.option("--alpha", type=float, default=None, help="Weight pruning strength (paper rule).")
+@click.option("--beta", type=float, default=None, help="Moment pruning strength.")
+@click.option("--weight-bits", type=int, default=None, help="Bits per weight-residual code.")
+@click.option("--moment-bits", type=int, default=None, help="Bits per moment code.")
+@click.option("--keyframe-every", type=int, default=None, help="A standalone keyframe every K links.")
+@click.option("--zstd-level", type=int, default=None, help="zstd level, 1-22.")
+@with_base
+@_fail_cleanly
+def push(path: str, run: str, step: int | None, store: str | None, preset_name: str | None,
+         init_seed: int | None, model_factory: str | None, **options: Any) -> None:
+    """Compress the checkpoint at PATH and commit it as a step of RUN."""
+    params = None
+    if preset_name or any(v is not None for v in options.values()):
+        params = preset(preset_name or "default").replace(**options)
+    bundle = api.to_bundle(path)
+    with _bar(bundle.num_parameters(), "param", "compress") as progress:
+        result, _ = api.push(bundle, run, step=step, store=store, params=params,
+                             base=_base(init_seed, model_factory), progress=progress)
+    c = result.commit
+    state = "committed" if result.created else "already stored (no-op)"
+    kind = "keyframe" if c.keyframe else f"link {c.depth}"
+    click.echo(f"step {c.step} {state}: {kind}, raw {_human(c.raw_bytes)}, "
+               f"stored {_human(c.size)}, ratio {c.ratio:.1f}x")
+
+
+@main.command()
+@run_option
+@click.option("--step", default="latest", show_default=True, help="Step number or 'latest'.")
+@click.option("-o", "--out", required=True, type=click.Path(), help="Where to write the checkpoint.")
+@store_option
+@click.option("--device", default="cpu", show_default=True, help="Device to decode on.")
+@with_base
+@_fail_cleanly
+def restore(run: str, step: str, out: str, store: str | None, device: str,
+            init_seed: int | None, model_factory: str | None) -> None:
+    """Reconstruct a step of RUN and write it in the layout it was pushed in."""
+    with _bar(0, "link", "restore") as progress:
+        bundle = api.restore(run, step, out, store=store, device=device,
+                             base=_base(init_seed, model_factory), progress=progress)
+    click.echo(f"restored run {run} step {bundle.step} to {out}")
+
+
+@main.command(name="ls")
+@click.option("--run", default=None, help="List this run's checkpoints instead of the runs.")
+@store_option
+@_fail_cleanly
+def ls(run: str | None, store: str | None) -> None:
+    """List runs, or a run's checkpoints with sizes, ratios and keyframes."""
+    if run is None:
+        for name in api.list_runs(store):
+            click.echo(name)
+        return
+    click.echo(f"{'step':>12}  {'kind':<9} {'parent':>8} {'raw':>10} {'stored':>10} {'ratio':>8}")
+    for c in api.list_commits(run, store):
+        kind = "keyframe" if c.keyframe else "link"
+        parent = "-" if c.parent is None else str(c.parent)
+        click.echo(f"{c.step:>12}  {kind:<9} {parent:>8} {_human(c.raw_bytes):>10} "
+                   f"{_human(c.size):>10} {c.ratio:>7.1f}x")
+
+
+@main.command()
+@click.argument("archive", required=False, type=click.Path())
+@click.option("--run", default=None, help="Inspect a stored checkpoint of this run.")
+@click.option("--step", default=None, help="Step number or 'latest' (with --run).")
+@store_option
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+@_fail_cleanly
+def inspect(archive: str | None, run: str | None, step: str | None, store: str | None,
+            as_json: bool) -> None:
+    """Show an archive's codec parameters, tensor table and checksums."""
+    info = api.inspect_archive(archive, run=run, step=step, store=store)
+    if as_json:
+        click.echo(json.dumps(info, indent=1))
+        return
+    header = info["header"]
+    click.echo(f"run {header.get('run')} step {header.get('step')} layout {header.get('layout')} "
+               f"{'keyframe' if header.get('keyframe') else 'link of ' + str(header.get('parent'))}")
+    click.echo("params " + json.dumps(header.get("params")))
+    click.echo(f"{'tensor':<40} {'codec':<7} {'dtype':<9} {'shape':<16} {'stored':>10}  xxh64")
+    for unit in info["units"]:
+        stored = sum(s["stored"] for s in unit["streams"].values())
+        first = unit["tensors"][0]
+        digests = ",".join(d for s in unit["streams"].values() for d in s["xxh64"][:1])
+        click.echo(f"{unit['name'][:40]:<40} {unit['codec']:<7} {first['dtype']:<9} "
+                   f"{str(tuple(first['shape'])):<16} {_human(stored):>10}  {digests[:35]}")
+    for name, size in info["extras"].items():
+        click.echo(f"extra {name} ({_human(size)})")
+
+
+@main.command()
+@run_option
+@click.option("-o", "--out", required=True, type=click.Path(), help="Empty directory to write into.")
+@store_option
+@with_base
+@_fail_cleanly
+def rebuild(run: str, out: str, store: str | None, init_seed: int | None,
+            model_factory: str | None) -> None:
+    """Write every checkpoint of RUN, in step order."""
+    total = len(api.list_commits(run, store))
+    with _bar(total, "ckpt", "rebuild") as progress:
+        paths = api.rebuild(run, out, store=store, base=_base(init_seed, model_factory),
+                            progress=progress)
+    click.echo(f"wrote {len(paths)} checkpoints to {out}")
+
+
+@main.command()
+@run_option
+@store_option
+@with_base
+@_fail_cleanly
+def verify(run: str, store: str | None, init_seed: int | None, model_factory: str | None) -> None:
+    """Check every checksum of RUN and that every link decodes."""
+    total = len(api.list_commits(run, store))
+    with _bar(total, "ckpt", "verify") as progress:
+        report = api.verify(run, store=store, base=_base(init_seed, model_factory), progress=progress)
+    click.echo(f"ok: {report.checkpoints} checkpoints, {_human(report.bytes_checked)} verified")

@@ -1,0 +1,48 @@
+"""Bit-level layouts of masks and the byte views the entropy stage sees.
+
+Masks are packed 8 positions per byte, least significant bit first (numpy's
+``bitorder="little"``), on the tensor's own device. Byte planes split each element
+into its bytes (all low bytes, then the next, ...), so zstd sees the slowly varying
+exponent bytes of floats next to each other.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_SHIFTS = torch.arange(8, dtype=torch.uint8)
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Pack a 1-D bool tensor into ceil(n/8) bytes, LSB first."""
+    n = mask.numel()
+    padded = torch.zeros(-(-n // 8) * 8, dtype=torch.uint8, device=mask.device)
+    padded[:n] = mask
+    shifts = _SHIFTS.to(mask.device)
+    return (padded.view(-1, 8) << shifts).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_mask`: the first ``n`` bits as a bool tensor."""
+    shifts = _SHIFTS.to(packed.device)
+    bits = (packed.view(-1, 1) >> shifts) & 1
+    return bits.view(-1)[:n].bool()
+
+
+def as_bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bits as a flat integer tensor of the same element size (no copy)."""
+    return t.contiguous().view(-1).view(_INT_OF_SIZE[t.element_size()])
+
+
+def to_planes(t: torch.Tensor) -> torch.Tensor:
+    """Flat uint8 byte planes of ``t``: byte 0 of every element, then byte 1, ..."""
+    size = t.element_size()
+    raw = t.contiguous().view(-1).view(torch.uint8)
+    return raw.view(-1, size).t().contiguous().view(-1)
+
+
+def from_planes(planes: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`to_planes`."""
+    size = torch.empty(0, dtype=dtype).element_size()
+    return planes.view(size, -1).t().contiguous().view(-1).view(dtype).view(shape)

@@ -1,0 +1,97 @@
+"""Codec parameters and named presets.
+
+The parameters in force are written into every archive (``CodecParams.to_dict``) and
+read back from it, so an archive always decodes with the parameters that made it,
+whatever the defaults are when it is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from excp.errors import InvalidInput
+
+MODES = ("excp", "lossless")
+WEIGHT_RULES = ("paper", "keep")
+MOMENT_RULES = ("joint", "factored")
+
+
+@dataclass(frozen=True)
+class CodecParams:
+    """Everything that decides how a checkpoint is coded.
+
+    * ``mode``: ``excp`` (lossy ExCP pipeline) or ``lossless`` (bit-exact).
+    * ``weight_rule``: ``paper`` keeps ΔW where |ΔW| > f·median(|ΔW|) with
+      f = min(2.5, alpha / sqrt(mean(v))); ``keep`` keeps the ``weight_keep`` largest
+      fraction of |ΔW| (the substitute used whenever a weight has no second moment).
+    * ``moment_rule``: ``joint`` keeps m and v where |m| > beta·mean(|m|) and ΔW was
+      kept (the paper); ``factored`` also stores a rank-1 (row × column) estimate of v
+      so that no position restores with v = 0 (Adam's step scaling survives).
+    * ``weight_bits`` / ``moment_bits``: codebook size 2^b − 1 centroids plus an exact
+      zero; ``keyframe_bits`` the same for standalone keyframes.
+    * ``keyframe_every``: a standalone keyframe every K links (0: only the first).
+    """
+
+    mode: str = "excp"
+    weight_rule: str = "paper"
+    moment_rule: str = "joint"
+    alpha: float = 5e-5
+    beta: float = 2.0
+    weight_keep: float = 0.1
+    weight_bits: int = 4
+    moment_bits: int = 4
+    keyframe_bits: int = 8
+    keyframe_every: int = 25
+    zstd_level: int = 3
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}"),
+            (self.weight_rule in WEIGHT_RULES, f"weight_rule must be one of {WEIGHT_RULES}"),
+            (self.moment_rule in MOMENT_RULES, f"moment_rule must be one of {MOMENT_RULES}"),
+            (self.alpha > 0, "alpha must be > 0"),
+            (self.beta >= 0, "beta must be >= 0"),
+            (0 < self.weight_keep <= 1, "weight_keep must be in (0, 1]"),
+            (1 <= self.weight_bits <= 8, "weight_bits must be in 1..8"),
+            (1 <= self.moment_bits <= 8, "moment_bits must be in 1..8"),
+            (2 <= self.keyframe_bits <= 8, "keyframe_bits must be in 2..8"),
+            (self.keyframe_every >= 0, "keyframe_every must be >= 0"),
+            (1 <= self.zstd_level <= 22, "zstd_level must be in 1..22"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InvalidInput(f"invalid codec parameter: {message}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CodecParams:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise InvalidInput(
+                f"unknown codec parameters {sorted(unknown)}: written by a newer excp? upgrade excp"
+            )
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> CodecParams:
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+PRESETS: dict[str, CodecParams] = {
+    "paper": CodecParams(weight_rule="paper", moment_rule="joint", alpha=5e-5, beta=2.0),
+    "default": CodecParams(),
+    "lossless": CodecParams(mode="lossless"),
+}
+
+
+def preset(name: str) -> CodecParams:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise InvalidInput(
+            f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}"
+        ) from None

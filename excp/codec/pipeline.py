@@ -1,0 +1,172 @@
+"""A whole checkpoint through the codec: Bundle → coded units in an archive, and back.
+
+This is where the chain's state meets the per-tensor codecs. A *reconstruction* is
+what restore produces for the tensors the next link is coded against: the weights
+(lossy mode) or the weights and moments (lossless mode, whose XOR deltas need them).
+The encoder returns the reconstruction it just committed to, so the chain never has
+to decode what it has just written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from excp.bundle import MOMENT_ROLES, Bundle, Role, TensorEntry
+from excp.codec import lossless, lossy
+from excp.codec.params import CodecParams
+from excp.codec.types import Encoded
+from excp.errors import ChainMismatch, CorruptData
+from excp.format.container import ArchiveReader, ArchiveWriter, Unit
+
+Reconstruction = dict[str, torch.Tensor]
+
+DTYPES = {str(d).removeprefix("torch."): d for d in (
+    torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8, torch.int8,
+    torch.int16, torch.int32, torch.int64, torch.bool, torch.complex64, torch.complex128)}
+
+
+def _describe(entry: TensorEntry) -> dict[str, Any]:
+    return {"name": entry.name, "role": entry.role.value, "param": entry.param,
+            "dtype": str(entry.tensor.dtype).removeprefix("torch."),
+            "shape": list(entry.tensor.shape)}
+
+
+def check_parent(entry: TensorEntry, parent: torch.Tensor | None, label: str) -> None:
+    if parent is not None and (parent.shape != entry.tensor.shape
+                               or parent.dtype != entry.tensor.dtype):
+        raise ChainMismatch(
+            f"{label}: tensor {entry.name!r} is {entry.tensor.dtype} {tuple(entry.tensor.shape)} "
+            f"but its parent has {parent.dtype} {tuple(parent.shape)}; a chain needs the same "
+            "shapes throughout: push this checkpoint to a new --run")
+
+
+def encode_bundle(bundle: Bundle, writer: ArchiveWriter, params: CodecParams,
+                  parent: Reconstruction | None, keyframe: bool, label: str,
+                  progress: Callable[[int], None] | None = None) -> Reconstruction:
+    """Code every tensor and extra of ``bundle`` into ``writer``; return the new
+    reconstruction. ``parent`` is None for a standalone keyframe."""
+    recon: Reconstruction = {}
+    for weight in list(bundle.weights()):
+        moments = bundle.moments(weight.name)
+        prev = None if parent is None else parent.get(weight.name)
+        if parent is not None and prev is None and not keyframe and params.mode == "excp":
+            raise ChainMismatch(
+                f"{label}: tensor {weight.name!r} is new in this checkpoint; a chain needs the "
+                "same tensors throughout: push this checkpoint to a new --run")
+        check_parent(weight, prev, label)
+        if params.mode == "lossless":
+            for entry in [weight, *moments.values()]:
+                prev_t = None if parent is None else parent.get(entry.name)
+                check_parent(entry, prev_t, label)
+                enc = lossless.encode(entry.tensor, prev_t)
+                writer.add_unit(entry.name, "planes", [_describe(entry)], enc.meta, enc.streams)
+                recon[entry.name] = entry.tensor
+        else:
+            enc, restored = lossy.encode_unit(
+                weight.name, weight.tensor, None if keyframe else prev,
+                {role: e.tensor for role, e in moments.items()}, params, keyframe)
+            writer.add_unit(weight.name, "excp", [_describe(weight)] +
+                            [_describe(e) for e in moments.values()], enc.meta, enc.streams)
+            recon[weight.name] = restored[Role.WEIGHT]
+        if progress:
+            progress(weight.tensor.numel())
+    for entry in bundle.tensors.values():
+        if entry.role is Role.OTHER:
+            enc = lossless.encode(entry.tensor, None)
+            writer.add_unit(entry.name, "planes", [_describe(entry)], enc.meta, enc.streams)
+    for name, data in bundle.extras.items():
+        writer.add_extra(name, data)
+    return recon
+
+
+def _tensor_spec(spec: dict[str, Any], label: str) -> tuple[Role, torch.dtype, tuple[int, ...]]:
+    try:
+        role = Role(spec["role"])
+        dtype = DTYPES[spec["dtype"]]
+        shape = tuple(int(d) for d in spec["shape"])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise CorruptData(f"{label}: bad tensor table entry ({exc!r})") from None
+    if any(d < 0 for d in shape):
+        raise CorruptData(f"{label}: negative dimension in {spec.get('name')!r}")
+    return role, dtype, shape
+
+
+def _read_streams(reader: ArchiveReader, unit: Unit, device: torch.device) -> dict[str, torch.Tensor]:
+    return {name: torch.frombuffer(reader.read_stream(unit, name), dtype=torch.uint8).to(device)
+            if unit.streams[name]["size"] else torch.empty(0, dtype=torch.uint8, device=device)
+            for name in unit.streams}
+
+
+def decode_archive(reader: ArchiveReader, parent: Reconstruction | None,
+                   device: torch.device | str = "cpu", weights_only: bool = False,
+                   ) -> tuple[Bundle, Reconstruction]:
+    """Decode an archive against ``parent``; returns the bundle and the new
+    reconstruction. With ``weights_only`` (walking a chain towards a later step) only
+    what the next link needs is decoded."""
+    device = torch.device(device)
+    header = reader.header
+    mode = header["params"]["mode"]
+    bundle = Bundle(layout=header["layout"], step=header.get("step"))
+    recon: Reconstruction = {}
+    for unit in reader.units:
+        label = f"{reader.label}, tensor {unit.name!r}"
+        specs = [(_tensor_spec(s, label), s) for s in unit.tensors]
+        if weights_only and all(role is Role.OTHER for (role, _, _), _ in specs):
+            continue
+        is_moment = all(role in MOMENT_ROLES for (role, _, _), _ in specs)
+        if weights_only and is_moment and mode == "excp":
+            continue
+        try:
+            enc = Encoded(unit.meta, _read_streams(reader, unit, device))
+            if unit.codec == "planes":
+                (role, dtype, shape), spec = specs[0]
+                prev = None if parent is None else parent.get(spec["name"])
+                if enc.meta.get("xor") and prev is None:
+                    raise CorruptData(f"{label}: XOR-coded against a parent that was not restored")
+                tensors = {role: lossless.decode(enc, dtype, shape, prev)}
+            elif unit.codec == "excp":
+                _check_lossy_streams(enc, specs, label)
+                (_, _, shape), spec = specs[0]
+                prev = None if enc.meta.get("keyframe") or parent is None else parent.get(spec["name"])
+                if not enc.meta.get("keyframe") and prev is None:
+                    raise CorruptData(f"{label}: link has no parent reconstruction")
+                dtypes = {role: dtype for (role, dtype, _), _ in specs}
+                tensors = lossy.decode_unit(enc, prev, dtypes, shape, device)
+            else:
+                raise CorruptData(f"{label}: unknown codec {unit.codec!r}")
+        except (RuntimeError, IndexError, ValueError, KeyError, TypeError) as exc:
+            raise CorruptData(f"{label}: cannot decode ({exc})") from None
+        for (role, _, _), spec in specs:
+            tensor = tensors[role]
+            bundle.add(TensorEntry(spec["name"], role, tensor, spec.get("param")))
+            if role is Role.WEIGHT or (mode == "lossless" and role in MOMENT_ROLES):
+                recon[spec["name"]] = tensor
+    if not weights_only:
+        for name in reader.extras:
+            bundle.extras[name] = reader.read_extra(name)
+    return bundle, recon
+
+
+def _check_lossy_streams(enc: Encoded, specs: list, label: str) -> None:
+    """Stream sizes must agree with the tensor table before any indexing happens."""
+    (_, _, shape), _ = specs[0]
+    n = 1
+    for d in shape:
+        n *= d
+    s = enc.streams
+    sent = int(enc.meta.get("sent", -1))
+    expected = {"mask": -(-n // 8), "wcodes": sent}
+    if "mmask" in s:
+        expected["mmask"] = -(-sent // 8)
+    for name, size in expected.items():
+        if name not in s or s[name].numel() != size:
+            raise CorruptData(f"{label}: stream {name!r} has the wrong size")
+    for key in ("w", "m", "v", "x"):
+        codes, book = s.get(f"{key}codes"), s.get(f"{key}book")
+        if codes is None:
+            continue
+        if book is None or book.numel() % 4 or (codes.numel() and int(codes.max()) >= book.numel() // 4):
+            raise CorruptData(f"{label}: codes of {key!r} point outside their codebook")

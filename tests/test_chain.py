@@ -1,0 +1,206 @@
+"""Chains through the Python API on a local store: closed loop, keyframes, base from a
+seed, idempotent pushes, conflicts, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from excp import api
+from excp.chain import Chain
+from excp.codec.params import CodecParams
+from excp.errors import ChainMismatch, Conflict, CorruptData, InvalidInput, NotFound
+from excp.store import open_store
+
+
+def _weights(ckpt: dict) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in ckpt["model"].items() if v.is_floating_point()}
+
+
+def _relative_error(restored: torch.Tensor, original: torch.Tensor) -> float:
+    return float((restored.float() - original.float()).norm() / original.float().norm())
+
+
+def _max_error(restored: dict, original: dict) -> float:
+    return max(float((restored["model"][k].float() - v.float()).abs().max())
+               for k, v in _weights(original).items())
+
+
+def test_closed_loop_error_does_not_accumulate_over_24_links(tmp_path, tiny_run) -> None:
+    """Closed loop: every link's error stays one quantization step; open loop grows."""
+    run, store = tiny_run(), str(tmp_path / "store")
+    params = CodecParams(keyframe_every=0)
+    errors, recon = [], None
+    for i in range(25):
+        ckpt = run.advance(10)
+        result, recon = api.push(ckpt, "closed", store=store, params=params if i == 0 else None)
+        assert result.created
+        restored = api.load_dict(api.restore("closed", ckpt["step"], store=store))
+        errors.append(_max_error(restored, ckpt))
+        for name, tensor in recon.items():
+            assert torch.equal(tensor, restored["model"][name]), "encoder and decoder disagree"
+    head = api.list_commits("closed", store)[-1]
+    assert head.depth == 24 and not head.keyframe
+    assert max(errors[12:]) <= 2.5 * max(errors[1:12]), errors
+
+
+def test_keyframes_bound_the_walk_and_count_in_the_ratio(tmp_path, tiny_run) -> None:
+    run, store = tiny_run(), str(tmp_path / "s")
+    for i in range(7):
+        api.push(run.advance(5), "k", store=store, params=CodecParams(keyframe_every=3) if i == 0 else None)
+    commits = api.list_commits("k", store)
+    assert [c.keyframe for c in commits] == [True, False, False, True, False, False, True]
+    assert [c.depth for c in commits] == [0, 1, 2, 0, 1, 2, 0]
+    chain = Chain(open_store(store), "k")
+    assert [c.step for c in chain.path_to(commits[5].step)] == [c.step for c in commits[3:6]]
+    keyframe_sizes = [c.size for c in commits if c.keyframe]
+    link_sizes = [c.size for c in commits if not c.keyframe]
+    assert min(keyframe_sizes) > max(link_sizes)
+
+
+def test_everything_but_weights_and_moments_comes_back_bit_exact(tmp_path, tiny_run) -> None:
+    run = tiny_run(amsgrad=True)
+    run.advance(3)
+    ckpt = run.advance(3)
+    ckpt["rng"] = torch.get_rng_state()
+    ckpt["counts"] = torch.arange(10, dtype=torch.int64)
+    path = tmp_path / "ckpt.pt"
+    torch.save(ckpt, path)
+    api.push(path, "exact", store=str(tmp_path / "s"))
+    out = tmp_path / "out.pt"
+    api.restore("exact", "latest", out, store=str(tmp_path / "s"))
+    restored = torch.load(out, weights_only=True)
+    assert restored["step"] == ckpt["step"] and restored["meta"] == ckpt["meta"]
+    assert torch.equal(restored["rng"], ckpt["rng"]) and torch.equal(restored["counts"], ckpt["counts"])
+    assert restored["optimizer"]["param_groups"] == ckpt["optimizer"]["param_groups"]
+    for index, state in ckpt["optimizer"]["state"].items():
+        got = restored["optimizer"]["state"][index]
+        assert torch.equal(got["step"], state["step"])
+        assert set(got) == set(state)  # amsgrad's max_exp_avg_sq survives
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            assert got[key].dtype == state[key].dtype and got[key].shape == state[key].shape
+            assert not bool(((got["exp_avg"] != 0) & (got["exp_avg_sq"] == 0)).any())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_chains(tmp_path, tiny_run, dtype) -> None:
+    run, store = tiny_run(dtype=dtype), str(tmp_path / "s")
+    for _ in range(3):
+        ckpt = run.advance(4)
+        api.push(ckpt, "half", store=store)
+    restored = api.load_dict(api.restore("half", "latest", store=store))
+    for name, tensor in _weights(ckpt).items():
+        assert restored["model"][name].dtype == dtype
+        assert _relative_error(restored["model"][name], tensor) < 0.05, name
+
+
+def test_lossless_mode_is_bit_exact(tmp_path, tiny_run) -> None:
+    run, store = tiny_run(), str(tmp_path / "s")
+    ckpts = [run.advance(4) for _ in range(3)]
+    ckpts = [{k: (v if not isinstance(v, dict) else v) for k, v in c.items()} for c in ckpts]
+    for i, ckpt in enumerate(ckpts):
+        torch.save(ckpt, tmp_path / f"{i}.pt")
+        api.push(tmp_path / f"{i}.pt", "ll", store=store,
+                 params=CodecParams(mode="lossless") if i == 0 else None)
+    for i in range(3):
+        original = torch.load(tmp_path / f"{i}.pt", weights_only=True)
+        restored = api.load_dict(api.restore("ll", original["step"], store=store))
+        for name, tensor in original["model"].items():
+            assert torch.equal(restored["model"][name], tensor)
+        for index, state in original["optimizer"]["state"].items():
+            for key, tensor in state.items():
+                assert torch.equal(restored["optimizer"]["state"][index][key], tensor)
+
+
+def test_repush_is_noop_and_conflicts_are_errors(tmp_path, tiny_run) -> None:
+    run, store = tiny_run(), str(tmp_path / "s")
+    first = run.advance(5)
+    torch.save(first, tmp_path / "a.pt")
+    api.push(tmp_path / "a.pt", "r", store=store)
+    again, _ = api.push(tmp_path / "a.pt", "r", store=store)
+    assert not again.created and len(api.list_commits("r", store)) == 1
+    later = run.advance(5)
+    api.push(later, "r", store=store)
+    with pytest.raises(Conflict, match="different checkpoint at step 5"):
+        api.push(run.advance(1), "r", step=5, store=store)
+    with pytest.raises(Conflict, match="not after the head"):
+        api.push(run.advance(1), "r", step=7, store=store)
+
+
+def test_base_rebuilt_from_seed(tmp_path) -> None:
+    from tests.factories import mlp
+
+    base = api.BaseSpec(seed=3, factory="tests.factories:mlp")
+    model = mlp(3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    store = str(tmp_path / "s")
+    for step in (10, 20):
+        for _ in range(10):
+            opt.zero_grad()
+            model(torch.randn(8, 16)).pow(2).mean().backward()
+            opt.step()
+        api.push({"model": model.state_dict(), "optimizer": opt.state_dict()}, "seeded",
+                 step=step, store=store, base=base)
+    first = api.list_commits("seeded", store)[0]
+    assert not first.keyframe and first.parent is None
+    with pytest.raises(InvalidInput, match="--init-seed 3 --model-factory tests.factories:mlp"):
+        api.restore("seeded", 20, store=store)
+    with pytest.raises(ChainMismatch, match="do not match"):
+        api.restore("seeded", 20, store=store, base=api.BaseSpec(4, "tests.factories:mlp"))
+    restored = api.load_dict(api.restore("seeded", 20, store=store, base=base))
+    for name, tensor in model.state_dict().items():
+        assert _relative_error(restored["model"][name], tensor) < 0.05, name
+
+
+def test_shape_change_mid_chain_is_an_error(tmp_path) -> None:
+    store = str(tmp_path / "s")
+    torch.save({"w": torch.randn(8, 4), "b": torch.randn(4)}, tmp_path / "a.pt")
+    torch.save({"w": torch.randn(9, 4), "b": torch.randn(4)}, tmp_path / "b.pt")
+    api.push(tmp_path / "a.pt", "shape", step=1, store=store)
+    with pytest.raises(ChainMismatch, match="'w' is torch.float32 \\(9, 4\\)"):
+        api.push(tmp_path / "b.pt", "shape", step=2, store=store)
+
+
+def test_nan_is_refused_with_the_tensor_name(tmp_path, tiny_run) -> None:
+    ckpt = tiny_run().advance(2)
+    ckpt["model"]["3.weight"][0, 0] = float("nan")
+    with pytest.raises(InvalidInput, match="3.weight.*NaN"):
+        api.push(ckpt, "nan", store=str(tmp_path / "s"))
+
+
+def test_missing_link_and_corrupt_archive_name_the_step(tmp_path, tiny_run) -> None:
+    run, store_url = tiny_run(), str(tmp_path / "s")
+    for _ in range(3):
+        api.push(run.advance(2), "c", store=store_url)
+    store = open_store(store_url)
+    commits = api.list_commits("c", store_url)
+    data = bytearray(store.get(commits[2].archive))
+    data[40] ^= 0xFF
+    store.put(commits[2].archive, bytes(data))
+    with pytest.raises(CorruptData, match="step 6"):
+        api.restore("c", 6, store=store_url)
+    with pytest.raises(CorruptData, match="step 6"):
+        api.verify("c", store=store_url)
+    store.delete(f"runs/c/commits/{commits[1].step:012d}.json")
+    with pytest.raises(CorruptData, match="step 6 needs step 4"):
+        api.restore("c", 6, store=store_url)
+    with pytest.raises(NotFound):
+        api.restore("c", 99, store=store_url)
+
+
+def test_restore_on_truncated_commit_record(tmp_path, tiny_run) -> None:
+    store_url = str(tmp_path / "s")
+    api.push(tiny_run().advance(2), "t", store=store_url)
+    store = open_store(store_url)
+    key = "runs/t/commits/000000000002.json"
+    store.put(key, store.get(key)[:20])
+    with pytest.raises(CorruptData, match="commit record"):
+        api.restore("t", 2, store=store_url)
+
+
+def test_invalid_run_names_and_options(tmp_path, tiny_run) -> None:
+    for bad in ("../x", "a/b", "", ".hidden", "x" * 200, "nul\0"):
+        with pytest.raises(InvalidInput, match="run name"):
+            api.push(tiny_run().advance(1), bad, store=str(tmp_path / "s"))
+    with pytest.raises(InvalidInput, match="weight_bits"):
+        CodecParams(weight_bits=0)
