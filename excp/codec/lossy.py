@@ -5,7 +5,7 @@ A *link* sends the residual ΔW = W − Ŵ_parent at the positions pruning keeps
 codes into a k-means codebook; a *keyframe* is the same with Ŵ_parent = 0, every
 non-zero weight kept and a finer codebook. The closed loop is kept by construction:
 the encoder returns exactly what the decoder will compute (both call
-:func:`_reconstruct`), and the chain feeds that reconstruction to the next link.
+:func:`_weight`), and the chain feeds that reconstruction to the next link.
 
 Streams of a unit (all uint8):
 
@@ -24,9 +24,9 @@ import torch
 
 from excp.bundle import Role
 from excp.codec import kmeans
-from excp.codec.pack import pack_mask, unpack_mask
+from excp.codec.pack import flatnonzero, pack_mask, unpack_mask
 from excp.codec.params import CodecParams
-from excp.codec.prune import moment_mask, weight_threshold
+from excp.codec.prune import moment_threshold, weight_threshold
 from excp.codec.types import Encoded
 from excp.errors import InvalidInput
 
@@ -42,7 +42,9 @@ def _book(stream: torch.Tensor) -> torch.Tensor:
 
 
 def _check_finite(name: str, t: torch.Tensor) -> None:
-    if not bool(torch.isfinite(t).all()):
+    """A NaN or Inf makes the sum non-finite; the exact count is only paid on failure
+    (or when a finite tensor's float64 sum overflows, which a checkpoint never does)."""
+    if not bool(torch.isfinite(t.sum(dtype=torch.float64))):
         count = int((~torch.isfinite(t)).sum())
         raise InvalidInput(
             f"tensor {name!r} has {count} NaN/Inf values: lossy coding needs finite values; "
@@ -52,14 +54,14 @@ def _check_finite(name: str, t: torch.Tensor) -> None:
 
 def encode_unit(name: str, weight: torch.Tensor, parent: torch.Tensor | None,
                 moments: dict[Role, torch.Tensor], params: CodecParams,
-                keyframe: bool) -> tuple[Encoded, dict[Role, torch.Tensor]]:
-    """Code one weight and its moments; returns the unit and its reconstruction
-    (role → tensor in the input's dtype and shape)."""
+                keyframe: bool) -> tuple[Encoded, torch.Tensor]:
+    """Code one weight and its moments; returns the unit and the weight's
+    reconstruction (the input's dtype and shape), which the next link is coded against."""
     for role, t in [(Role.WEIGHT, weight), *moments.items()]:
         _check_finite(f"{name} ({role.value})", t)
     w = weight.reshape(-1).float()
-    base = torch.zeros_like(w) if parent is None else parent.reshape(-1).float()
-    delta = w - base
+    base = None if parent is None else parent.reshape(-1).float()
+    delta = w if base is None else w - base
     v = moments.get(Role.EXP_AVG_SQ)
     if keyframe:
         sent = delta != 0
@@ -68,29 +70,47 @@ def encode_unit(name: str, weight: torch.Tensor, parent: torch.Tensor | None,
         threshold = weight_threshold(delta, None if v is None else v.reshape(-1), params)
         sent = delta.abs() > threshold
         bits = params.weight_bits
-    q = kmeans.quantize(delta[sent], (1 << bits) - 1)
-    enc = Encoded(meta={"keyframe": keyframe, "sent": int(q.codes.numel())})
+    positions = flatnonzero(sent)
+    q = kmeans.quantize(delta.index_select(0, positions), (1 << bits) - 1)
+    enc = Encoded(meta={"keyframe": keyframe, "sent": positions.numel()})
     enc.streams = {"mask": pack_mask(sent), "wcodes": q.codes, "wbook": _book_bytes(q.codebook)}
     if Role.EXP_AVG in moments and v is not None:
-        m = moments[Role.EXP_AVG].reshape(-1)
-        kept = moment_mask(m, v.reshape(-1), sent, params)
-        enc.streams["mmask"] = pack_mask(kept[sent])
-        enc.meta["moments"] = int(kept.sum())
-        bits = (1 << params.moment_bits) - 1
-        for role, moment in moments.items():
-            values = moment.reshape(-1)[kept].float()
-            if role is Role.EXP_AVG:
-                scale = float(values.abs().min()) if values.numel() else 1.0
-                domain = kmeans.Domain("asinh", scale or 1.0)
-            else:
-                domain = kmeans.Domain("log")
-            mq = kmeans.quantize(values, bits, domain)
-            key = _MOMENT_STREAM[role]
-            enc.streams[f"{key}codes"] = mq.codes
-            enc.streams[f"{key}book"] = _book_bytes(mq.codebook)
-    dtypes = {Role.WEIGHT: weight.dtype, **{r: t.dtype for r, t in moments.items()}}
-    recon = _reconstruct(enc, base, sent, dtypes, tuple(weight.shape))
-    return enc, recon
+        _encode_moments(enc, positions, moments, params)
+    recon = _weight(base, positions, q.codebook[q.codes.long()], w.numel(), w.device)
+    return enc, recon.to(weight.dtype).view(weight.shape)
+
+
+def _encode_moments(enc: Encoded, positions: torch.Tensor, moments: dict[Role, torch.Tensor],
+                    params: CodecParams) -> None:
+    """Keep m and v where ΔW was sent, |m| > beta·mean|m| and v > 0; quantize them
+    (m in the signed-log domain, v and max_v in the log domain)."""
+    m = moments[Role.EXP_AVG].reshape(-1)
+    v = moments[Role.EXP_AVG_SQ].reshape(-1)
+    threshold = moment_threshold(m, params)
+    m_sent, v_sent = m.index_select(0, positions), v.index_select(0, positions)
+    kept = (m_sent.abs() > threshold) & (v_sent > 0)
+    local = flatnonzero(kept)
+    enc.streams["mmask"] = pack_mask(kept)
+    enc.meta["moments"] = local.numel()
+    bits = (1 << params.moment_bits) - 1
+    for role, moment in moments.items():
+        values = moment.reshape(-1).index_select(0, positions).index_select(0, local).float()
+        if role is Role.EXP_AVG:
+            domain = kmeans.Domain("slog", threshold or float(values.abs().max()) or 1.0)
+        else:
+            domain = kmeans.Domain("log")
+        mq = kmeans.quantize(values, bits, domain)
+        key = _MOMENT_STREAM[role]
+        enc.streams[f"{key}codes"] = mq.codes
+        enc.streams[f"{key}book"] = _book_bytes(mq.codebook)
+
+
+def _weight(base: torch.Tensor | None, positions: torch.Tensor, values: torch.Tensor, n: int,
+            device: torch.device) -> torch.Tensor:
+    """Ŵ = base + values at positions (float32). Shared by encoder and decoder so the
+    closed loop sees exactly what restore gives."""
+    out = torch.zeros(n, dtype=torch.float32, device=device) if base is None else base.clone()
+    return out.index_add_(0, positions, values)
 
 
 def decode_unit(enc: Encoded, parent: torch.Tensor | None, dtypes: dict[Role, torch.dtype],
@@ -98,35 +118,26 @@ def decode_unit(enc: Encoded, parent: torch.Tensor | None, dtypes: dict[Role, to
     n = 1
     for d in shape:
         n *= d
-    base = torch.zeros(n, dtype=torch.float32, device=device) if parent is None \
-        else parent.reshape(-1).float()
-    sent = unpack_mask(enc.streams["mask"], n)
-    return _reconstruct(enc, base, sent, dtypes, shape)
-
-
-def _reconstruct(enc: Encoded, base: torch.Tensor, sent: torch.Tensor,
-                 dtypes: dict[Role, torch.dtype], shape: tuple[int, ...]) -> dict[Role, torch.Tensor]:
-    """Ŵ = base + codebook[code] at sent positions; moments at their kept positions.
-
-    Shared by encoder and decoder so the closed loop sees exactly what restore gives.
-    """
     streams = enc.streams
-    w = base.clone()
-    w[sent] += _book(streams["wbook"])[streams["wcodes"].long()]
+    positions = flatnonzero(unpack_mask(streams["mask"], n))
+    base = None if parent is None else parent.reshape(-1).float()
+    w = _weight(base, positions, _book(streams["wbook"])[streams["wcodes"].long()], n, device)
     out = {Role.WEIGHT: w.to(dtypes[Role.WEIGHT]).view(shape)}
     moment_roles = [r for r in dtypes if r is not Role.WEIGHT]
     if not moment_roles:
         return out
-    kept = torch.zeros_like(sent)
+    kept = positions.new_empty(0)
     if "mmask" in streams:
-        kept[sent] = unpack_mask(streams["mmask"], int(enc.meta["sent"]))
+        kept = positions.index_select(0, flatnonzero(unpack_mask(streams["mmask"], positions.numel())))
     for role in moment_roles:
         key = _MOMENT_STREAM[role]
-        values = torch.zeros(base.numel(), dtype=torch.float32, device=base.device)
+        values = torch.zeros(n, dtype=dtypes[role], device=device)
         if f"{key}codes" in streams:
-            values[kept] = _book(streams[f"{key}book"])[streams[f"{key}codes"].long()]
-        out[role] = values.to(dtypes[role]).view(shape)
+            decoded = _book(streams[f"{key}book"])[streams[f"{key}codes"].long()]
+            values.index_copy_(0, kept, decoded.to(dtypes[role]))
+        out[role] = values.view(shape)
     if Role.EXP_AVG in out and Role.EXP_AVG_SQ in out:
-        no_v = out[Role.EXP_AVG_SQ] == 0
-        out[Role.EXP_AVG] = out[Role.EXP_AVG].masked_fill(no_v, 0)
+        v_kept = out[Role.EXP_AVG_SQ].view(-1).index_select(0, kept)
+        flushed = kept.index_select(0, flatnonzero(v_kept == 0))
+        out[Role.EXP_AVG].view(-1).index_fill_(0, flushed, 0)
     return out

@@ -70,7 +70,7 @@ def encode_bundle(bundle: Bundle, writer: ArchiveWriter, params: CodecParams,
                 {role: e.tensor for role, e in moments.items()}, params, keyframe)
             writer.add_unit(weight.name, "excp", [_describe(weight)] +
                             [_describe(e) for e in moments.values()], enc.meta, enc.streams)
-            recon[weight.name] = restored[Role.WEIGHT]
+            recon[weight.name] = restored
         if progress:
             progress(weight.tensor.numel())
     for entry in bundle.tensors.values():

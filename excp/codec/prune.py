@@ -42,8 +42,6 @@ def weight_threshold(delta: torch.Tensor, v: torch.Tensor | None, params: CodecP
     return float(np.partition(magnitude, rank)[rank])
 
 
-def moment_mask(m: torch.Tensor, v: torch.Tensor, weight_kept: torch.Tensor,
-                params: CodecParams) -> torch.Tensor:
-    """Positions whose moments are sent: a subset of the kept weight positions."""
-    threshold = params.beta * float(np.abs(strided_sample(m)).mean())
-    return weight_kept & (m.abs() > threshold) & (v > 0)
+def moment_threshold(m: torch.Tensor, params: CodecParams) -> float:
+    """|m| above beta·mean(|m|) is kept (where ΔW was sent and v > 0)."""
+    return params.beta * float(np.abs(strided_sample(m)).mean())
