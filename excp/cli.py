@@ -139,8 +139,9 @@ def ls(run: str | None, store: str | None) -> None:
         for name in api.list_runs(store):
             click.echo(name)
         return
+    commits = api.list_commits(run, store)
     click.echo(f"{'step':>12}  {'kind':<9} {'parent':>8} {'raw':>10} {'stored':>10} {'ratio':>8}")
-    for c in api.list_commits(run, store):
+    for c in commits:
         kind = "keyframe" if c.keyframe else "link"
         parent = "-" if c.parent is None else str(c.parent)
         click.echo(f"{c.step:>12}  {kind:<9} {parent:>8} {_human(c.raw_bytes):>10} "

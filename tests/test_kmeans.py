@@ -8,15 +8,17 @@ from sklearn.cluster import KMeans
 
 from excp.codec.kmeans import Domain, quantize
 
+LINEAR = Domain()
 
-def _mse(values: torch.Tensor, k: int, domain: Domain = Domain()) -> float:
+
+def _mse(values: torch.Tensor, k: int, domain: Domain = LINEAR) -> float:
     q = quantize(values, k, domain)
     y = domain.forward(values.double())
     restored = domain.forward(q.codebook.double()[q.codes.long()])
     return float(((restored - y) ** 2).mean())
 
 
-def _sklearn_mse(values: torch.Tensor, k: int, domain: Domain = Domain()) -> float:
+def _sklearn_mse(values: torch.Tensor, k: int, domain: Domain = LINEAR) -> float:
     y = domain.forward(values.double()).numpy()[:, None]
     return KMeans(k, n_init=3, random_state=0).fit(y).inertia_ / len(y)
 

@@ -41,6 +41,7 @@ PRELUDE = struct.Struct("<8sII")
 TRAILER = struct.Struct("<QQQQQ8s")
 CHUNK_SIZE = 1 << 18
 MAX_INDEX_BYTES = 1 << 28
+MAX_CHUNK_SIZE = 1 << 26
 THREADS = 2
 
 StreamData = torch.Tensor | np.ndarray | bytes | bytearray | memoryview
@@ -139,6 +140,13 @@ class ArchiveWriter:
         return ArchiveSummary(self._offset, self._blake.hexdigest(), dict(self._stream_bytes))
 
 
+def _count(value: Any) -> int:
+    """A non-negative JSON integer (not a float, not a bool) from the index."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"expected a non-negative integer, got {value!r}")
+    return value
+
+
 @dataclass
 class Unit:
     name: str
@@ -162,11 +170,16 @@ class ArchiveReader:
         self.label = label
         self._decompressor = zstandard.ZstdDecompressor()
         index = self._read_index()
-        self.header: dict[str, Any] = index["header"]
-        self.chunk_size: int = index["chunk_size"]
-        self.units = [Unit(u["name"], u["codec"], u["tensors"], u["meta"], u["streams"])
-                      for u in index["units"]]
-        self.extras = {e["name"]: e for e in index["extras"]}
+        try:
+            self.header: dict[str, Any] = dict(index["header"])
+            self.chunk_size: int = _count(index["chunk_size"])
+            self.units = [Unit(str(u["name"]), str(u["codec"]), list(u["tensors"]), dict(u["meta"]),
+                               dict(u["streams"])) for u in index["units"]]
+            self.extras = {str(e["name"]): dict(e) for e in index["extras"]}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise self._fail(f"malformed index ({exc!r})") from None
+        if not 0 < self.chunk_size <= MAX_CHUNK_SIZE:
+            raise self._fail(f"chunk size {self.chunk_size} out of range")
         self._check_chunks(index)
 
     def _fail(self, what: str) -> CorruptData:
@@ -202,7 +215,7 @@ class ArchiveReader:
         try:
             raw = self._decompressor.decompress(frame, max_output_size=raw_length)
             index = json.loads(raw)
-        except (zstandard.ZstdError, ValueError) as exc:
+        except (zstandard.ZstdError, ValueError, RecursionError) as exc:
             raise self._fail(f"unreadable index ({exc})") from None
         if not isinstance(index, dict) or index.get("format") != "excp":
             raise self._fail("index is not an excp index")
@@ -225,11 +238,12 @@ class ArchiveReader:
             for label, stream in self._streams(index):
                 total = 0
                 for offset, length, raw, _digest in stream["chunks"]:
+                    offset, length, raw = _count(offset), _count(length), _count(raw)
                     if not (0 < raw <= self.chunk_size and length > 0):
                         raise self._fail(f"bad chunk size in {label}")
                     spans.append((offset, offset + length))
                     total += raw
-                if total != stream["size"]:
+                if total != _count(stream["size"]):
                     raise self._fail(f"stream {label} declares {stream['size']} bytes, chunks hold {total}")
         except (KeyError, TypeError, ValueError) as exc:
             raise self._fail(f"malformed index ({exc!r})") from None
@@ -241,8 +255,8 @@ class ArchiveReader:
             cursor = end
 
     def _read_chunks(self, label: str, stream: dict[str, Any]) -> bytearray:
-        out = bytearray(stream["size"])
-        position = 0
+        """Decode a stream chunk by chunk; memory grows only with data actually read."""
+        out = bytearray()
         for offset, length, raw, digest in stream["chunks"]:
             frame = self._read_at(offset, length)
             if xxhash.xxh64_hexdigest(frame) != digest:
@@ -253,8 +267,7 @@ class ArchiveReader:
                 raise self._fail(f"undecodable chunk in {label} ({exc})") from None
             if len(piece) != raw:
                 raise self._fail(f"chunk of {label} decodes to {len(piece)} bytes, expected {raw}")
-            out[position:position + raw] = piece
-            position += raw
+            out += piece
         return out
 
     def read_stream(self, unit: Unit, name: str) -> bytearray:
