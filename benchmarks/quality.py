@@ -32,6 +32,7 @@ def closed_loop(params: CodecParams | None, args: argparse.Namespace) -> dict:
             return None
         result, state["recon"] = api.push(ckpt, "q", store=store, params=params,
                                           parent_recon=state["recon"])
+        state.setdefault("links", []).append(8 * result.commit.size / result.commit.num_parameters)
         state["raw"] += result.commit.raw_bytes
         state["stored"] += result.commit.size
         state["params"] += result.commit.num_parameters
@@ -41,7 +42,8 @@ def closed_loop(params: CodecParams | None, args: argparse.Namespace) -> dict:
     result = run_chain(args.config, args.steps, args.every, args.seed, on_checkpoint)
     out = {"final_loss": result.curve[-1][1], "curve": result.curve, "seconds": time.time() - start}
     if params is not None:
-        out.update(ratio=state["raw"] / state["stored"], bits_per_param=8 * state["stored"] / state["params"])
+        out.update(ratio=state["raw"] / state["stored"], bits_per_param=8 * state["stored"] / state["params"],
+                   bits_per_link=state["links"])
     return out
 
 
@@ -51,12 +53,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--presets", nargs="+", default=["paper", "default"])
+    parser.add_argument("--presets", nargs="*", default=["paper", "default"])
     parser.add_argument("--set", nargs="*", default=[], help="extra: name:key=value,key=value")
+    parser.add_argument("--reference-loss", type=float, default=None,
+                        help="final loss of the uncompressed run, if already measured (skips it)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    configs: dict[str, CodecParams | None] = {"uncompressed": None}
+    configs: dict[str, CodecParams | None] = {} if args.reference_loss else {"uncompressed": None}
     configs.update({name: PRESETS[name] for name in args.presets})
     for spec in args.set:
         name, _, assignments = spec.partition(":")
@@ -65,12 +69,13 @@ def main() -> None:
             key, _, value = kv.partition("=")
             changes[key] = type(getattr(CodecParams(), key))(value)
         configs[name] = PRESETS["default"].replace(**changes)
-    results = {}
+    results = {"uncompressed": {"final_loss": args.reference_loss}} if args.reference_loss else {}
     for name, params in configs.items():
         results[name] = closed_loop(params, args)
         base = results["uncompressed"]["final_loss"]
         r = results[name]
-        extra = f" ratio {r['ratio']:.1f}x  {r['bits_per_param']:.2f} bits/param" if "ratio" in r else ""
+        extra = (f" ratio {r['ratio']:.1f}x  {r['bits_per_param']:.2f} bits/param (per link: "
+                 f"{' '.join(f'{b:.2f}' for b in r['bits_per_link'])})") if "ratio" in r else ""
         print(f"{name:14s} final loss {r['final_loss']:.4f} ({100 * (r['final_loss'] / base - 1):+.2f}%)"
               f"{extra}  [{r['seconds']:.0f}s]", flush=True)
     if args.json:

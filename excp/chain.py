@@ -233,7 +233,7 @@ class Chain:
                   "parent": None if keyframe or head is None else head.step,
                   "keyframe": keyframe, "params": params.to_dict()}
         with tempfile.TemporaryFile() as spool:
-            writer = ArchiveWriter(spool, level=params.zstd_level)
+            writer = ArchiveWriter(spool, level=params.zstd_level, symbols=params.mode == "excp")
             recon = encode_bundle(bundle, writer, params, parent, keyframe, label, progress)
             summary = writer.finish(header)
             archive = f"{self._prefix}/archives/{step:012d}-{summary.digest}.excp"

@@ -12,13 +12,15 @@ class TinyRun:
     """A small MLP regression trained with AdamW; ``advance(n)`` trains n steps and
     returns the checkpoint dict a user would ``torch.save``."""
 
-    def __init__(self, seed: int = 0, dtype: torch.dtype = torch.float32, amsgrad: bool = False) -> None:
+    def __init__(self, seed: int = 0, dtype: torch.dtype = torch.float32, amsgrad: bool = False,
+                 eps: float | None = None) -> None:
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
         self.model = torch.nn.Sequential(
             torch.nn.Linear(32, 128), torch.nn.GELU(), torch.nn.LayerNorm(128), torch.nn.Linear(128, 32)
         ).to(dtype)
-        eps = 1e-4 if dtype == torch.float16 else 1e-8  # 1e-8 underflows in fp16
+        if eps is None:
+            eps = 1e-4 if dtype == torch.float16 else 1e-8  # 1e-8 underflows in fp16
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=3e-3, amsgrad=amsgrad, eps=eps)
         self.data = torch.randn(256, 32, generator=gen).to(dtype)
         self.target = torch.tanh(self.data @ torch.randn(32, 32, generator=gen).to(dtype))

@@ -82,16 +82,22 @@ def test_everything_but_weights_and_moments_comes_back_bit_exact(tmp_path, tiny_
             assert not bool(((got["exp_avg"] != 0) & (got["exp_avg_sq"] == 0)).any())
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_half_precision_chains(tmp_path, tiny_run, dtype) -> None:
-    run, store = tiny_run(dtype=dtype), str(tmp_path / "s")
+    """Each dtype restores in its own dtype, and the last link's error is a small
+    fraction of the update it coded (error relative to the weights depends on how fast
+    each dtype's run moves, so it is not comparable across dtypes)."""
+    run, store = tiny_run(dtype=dtype, eps=1e-4), str(tmp_path / "s")
     for _ in range(3):
+        previous = {k: v.clone() for k, v in _weights(run.advance(0)).items()}
         ckpt = run.advance(4)
         api.push(ckpt, "half", store=store)
     restored = api.load_dict(api.restore("half", "latest", store=store))
     for name, tensor in _weights(ckpt).items():
-        assert restored["model"][name].dtype == dtype
-        assert _relative_error(restored["model"][name], tensor) < 0.05, name
+        got = restored["model"][name]
+        assert got.dtype == dtype
+        update = (tensor.float() - previous[name].float()).norm()
+        assert float((got.float() - tensor.float()).norm() / update) < 0.35, name
 
 
 def test_lossless_mode_is_bit_exact(tmp_path, tiny_run) -> None:
@@ -148,8 +154,10 @@ def test_base_rebuilt_from_seed(tmp_path) -> None:
     with pytest.raises(ChainMismatch, match="do not match"):
         api.restore("seeded", 20, store=store, base=api.BaseSpec(4, "tests.factories:mlp"))
     restored = api.load_dict(api.restore("seeded", 20, store=store, base=base))
+    initial = mlp(3).state_dict()
     for name, tensor in model.state_dict().items():
-        assert _relative_error(restored["model"][name], tensor) < 0.05, name
+        error = (restored["model"][name] - tensor).norm() / (tensor - initial[name]).norm()
+        assert float(error) < 0.35, name
 
 
 def test_shape_change_mid_chain_is_an_error(tmp_path) -> None:
@@ -204,3 +212,26 @@ def test_invalid_run_names_and_options(tmp_path, tiny_run) -> None:
             api.push(tiny_run().advance(1), bad, store=str(tmp_path / "s"))
     with pytest.raises(InvalidInput, match="weight_bits"):
         CodecParams(weight_bits=0)
+
+
+def _byte_plane_zstd(tensor: torch.Tensor) -> int:
+    """ZipNN-style lossless baseline: byte planes of the tensor, zstd level 3."""
+    import zstandard
+
+    raw = tensor.contiguous().view(-1).view(torch.uint8).view(-1, tensor.element_size())
+    return sum(len(zstandard.ZstdCompressor(level=3).compress(raw[:, i].contiguous().numpy().tobytes()))
+               for i in range(tensor.element_size()))
+
+
+def test_lossless_chain_stores_less_than_byte_plane_zstd(tmp_path, tiny_run) -> None:
+    run, store = tiny_run(), str(tmp_path / "s")
+    baseline = 0
+    for i in range(4):
+        ckpt = run.advance(2)
+        api.push(ckpt, "ll", store=store, params=CodecParams(mode="lossless") if i == 0 else None)
+        tensors = [t for t in ckpt["model"].values()]
+        tensors += [t for state in ckpt["optimizer"]["state"].values()
+                    for key, t in state.items() if key != "step"]
+        baseline += sum(_byte_plane_zstd(t) for t in tensors)
+    stored = sum(c.size for c in api.list_commits("ll", store))
+    assert stored < baseline, (stored, baseline)

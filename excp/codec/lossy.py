@@ -15,7 +15,9 @@ Streams of a unit (all uint8):
            mask is a subset of the weight mask, so it is coded conditionally);
 ``mcodes``/``mbook``, ``vcodes``/``vbook`` (and ``xcodes``/``xbook`` for amsgrad's
            max_exp_avg_sq): codes and codebooks of the kept moments.
-Everything not kept restores as zero.
+Everything not kept restores as zero. (A rank-1 estimate of v filling the positions not
+kept was measured and lost: with m = 0 there, an underestimated v makes larger steps
+than Adam restarting from v = 0 does.)
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def encode_unit(name: str, weight: torch.Tensor, parent: torch.Tensor | None,
         sent = delta.abs() > threshold
         bits = params.weight_bits
     positions = flatnonzero(sent)
-    q = kmeans.quantize(delta.index_select(0, positions), (1 << bits) - 1)
+    q = kmeans.quantize(delta.index_select(0, positions), 1 << bits)
     enc = Encoded(meta={"keyframe": keyframe, "sent": positions.numel()})
     enc.streams = {"mask": pack_mask(sent), "wcodes": q.codes, "wbook": _book_bytes(q.codebook)}
     if Role.EXP_AVG in moments and v is not None:
@@ -92,14 +94,14 @@ def _encode_moments(enc: Encoded, positions: torch.Tensor, moments: dict[Role, t
     local = flatnonzero(kept)
     enc.streams["mmask"] = pack_mask(kept)
     enc.meta["moments"] = local.numel()
-    bits = (1 << params.moment_bits) - 1
+    levels = 1 << params.moment_bits
     for role, moment in moments.items():
         values = moment.reshape(-1).index_select(0, positions).index_select(0, local).float()
         if role is Role.EXP_AVG:
             domain = kmeans.Domain("slog", threshold or float(values.abs().max()) or 1.0)
         else:
             domain = kmeans.Domain("log")
-        mq = kmeans.quantize(values, bits, domain)
+        mq = kmeans.quantize(values, levels, domain)
         key = _MOMENT_STREAM[role]
         enc.streams[f"{key}codes"] = mq.codes
         enc.streams[f"{key}book"] = _book_bytes(mq.codebook)

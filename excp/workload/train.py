@@ -28,8 +28,8 @@ CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "step", "rng")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Hyperparameters tuned so the ``small`` preset is still clearly improving after
-    thousands of steps at batch 16 x 64 characters."""
+    """Hyperparameters chosen so the ``small`` preset is still clearly improving after a
+    thousand steps, while 300 steps take under a minute on two idle CPU cores."""
 
     batch_size: int = 16
     lr: float = 2e-3
