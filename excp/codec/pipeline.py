@@ -9,7 +9,9 @@ to decode what it has just written.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -22,6 +24,7 @@ from excp.errors import ChainMismatch, CorruptData
 from excp.format.container import ArchiveReader, ArchiveWriter, Unit
 
 Reconstruction = dict[str, torch.Tensor]
+DECODE_THREADS = 2
 
 DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8, torch.int8,
@@ -43,43 +46,78 @@ def check_parent(entry: TensorEntry, parent: torch.Tensor | None, label: str) ->
             "shapes throughout: push this checkpoint to a new --run")
 
 
+class _Background:
+    """Runs the writer's entropy stage on one background thread, in submission order,
+    while the caller codes the next unit; at most ``depth`` units are in flight, which
+    bounds the memory held by coded-but-unwritten streams."""
+
+    def __init__(self, writer: ArchiveWriter, depth: int = 2) -> None:
+        self._writer = writer
+        self._pool = ThreadPoolExecutor(1)
+        self._pending: deque[Future] = deque()
+        self._depth = depth
+
+    def add_unit(self, *args: Any) -> None:
+        while len(self._pending) >= self._depth:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(self._writer.add_unit, *args))
+
+    def drain(self) -> None:
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            self._pool.shutdown(cancel_futures=True)
+
+
 def encode_bundle(bundle: Bundle, writer: ArchiveWriter, params: CodecParams,
                   parent: Reconstruction | None, keyframe: bool, label: str,
                   progress: Callable[[int], None] | None = None) -> Reconstruction:
     """Code every tensor and extra of ``bundle`` into ``writer``; return the new
     reconstruction. ``parent`` is None for a standalone keyframe."""
     recon: Reconstruction = {}
-    for weight in list(bundle.weights()):
-        moments = bundle.moments(weight.name)
-        prev = None if parent is None else parent.get(weight.name)
-        if parent is not None and prev is None and not keyframe and params.mode == "excp":
-            raise ChainMismatch(
-                f"{label}: tensor {weight.name!r} is new in this checkpoint; a chain needs the "
-                "same tensors throughout: push this checkpoint to a new --run")
-        check_parent(weight, prev, label)
-        if params.mode == "lossless":
-            for entry in [weight, *moments.values()]:
-                prev_t = None if parent is None else parent.get(entry.name)
-                check_parent(entry, prev_t, label)
-                enc = lossless.encode(entry.tensor, prev_t)
-                writer.add_unit(entry.name, "planes", [_describe(entry)], enc.meta, enc.streams)
-                recon[entry.name] = entry.tensor
-        else:
-            enc, restored = lossy.encode_unit(
-                weight.name, weight.tensor, None if keyframe else prev,
-                {role: e.tensor for role, e in moments.items()}, params, keyframe)
-            writer.add_unit(weight.name, "excp", [_describe(weight)] +
-                            [_describe(e) for e in moments.values()], enc.meta, enc.streams)
-            recon[weight.name] = restored
-        if progress:
-            progress(weight.tensor.numel())
-    for entry in bundle.tensors.values():
-        if entry.role is Role.OTHER:
-            enc = lossless.encode(entry.tensor, None)
-            writer.add_unit(entry.name, "planes", [_describe(entry)], enc.meta, enc.streams)
+    out = _Background(writer)
+    try:
+        for weight in list(bundle.weights()):
+            recon.update(_encode_weight(bundle, weight, out, params, parent, keyframe, label))
+            if progress:
+                progress(weight.tensor.numel())
+        for entry in bundle.tensors.values():
+            if entry.role is Role.OTHER:
+                enc = lossless.encode(entry.tensor, None)
+                out.add_unit(entry.name, "planes", [_describe(entry)], enc.meta, enc.streams)
+    finally:
+        out.drain()
     for name, data in bundle.extras.items():
         writer.add_extra(name, data)
     return recon
+
+
+def _encode_weight(bundle: Bundle, weight: TensorEntry, out: _Background, params: CodecParams,
+                   parent: Reconstruction | None, keyframe: bool, label: str) -> Reconstruction:
+    """Code one weight with its moments; returns their part of the reconstruction."""
+    moments = bundle.moments(weight.name)
+    prev = None if parent is None else parent.get(weight.name)
+    if parent is not None and prev is None and not keyframe and params.mode == "excp":
+        raise ChainMismatch(
+            f"{label}: tensor {weight.name!r} is new in this checkpoint; a chain needs the "
+            "same tensors throughout: push this checkpoint to a new --run")
+    check_parent(weight, prev, label)
+    if params.mode == "lossless":
+        recon = {}
+        for entry in [weight, *moments.values()]:
+            prev_t = None if parent is None else parent.get(entry.name)
+            check_parent(entry, prev_t, label)
+            enc = lossless.encode(entry.tensor, prev_t)
+            out.add_unit(entry.name, "planes", [_describe(entry)], enc.meta, enc.streams)
+            recon[entry.name] = entry.tensor
+        return recon
+    enc, restored = lossy.encode_unit(
+        weight.name, weight.tensor, None if keyframe else prev,
+        {role: e.tensor for role, e in moments.items()}, params, keyframe)
+    out.add_unit(weight.name, "excp", [_describe(weight)] + [_describe(e) for e in moments.values()],
+                 enc.meta, enc.streams)
+    return {weight.name: restored}
 
 
 def _tensor_spec(spec: dict[str, Any], label: str) -> tuple[Role, torch.dtype, tuple[int, ...]]:
@@ -105,49 +143,69 @@ def decode_archive(reader: ArchiveReader, parent: Reconstruction | None,
                    ) -> tuple[Bundle, Reconstruction]:
     """Decode an archive against ``parent``; returns the bundle and the new
     reconstruction. With ``weights_only`` (walking a chain towards a later step) only
-    what the next link needs is decoded."""
+    what the next link needs is decoded.
+
+    The main thread reads and entropy-decodes each unit's streams (file access is
+    sequential) while worker threads run the tensor math of the units before it:
+    torch and numpy release the GIL, so the two overlap.
+    """
     device = torch.device(device)
     header = reader.header
     mode = header["params"]["mode"]
     bundle = Bundle(layout=header["layout"], step=header.get("step"))
     recon: Reconstruction = {}
-    for unit in reader.units:
-        label = f"{reader.label}, tensor {unit.name!r}"
-        specs = [(_tensor_spec(s, label), s) for s in unit.tensors]
-        if weights_only and all(role is Role.OTHER for (role, _, _), _ in specs):
-            continue
-        is_moment = all(role in MOMENT_ROLES for (role, _, _), _ in specs)
-        if weights_only and is_moment and mode == "excp":
-            continue
-        try:
-            enc = Encoded(unit.meta, _read_streams(reader, unit, device))
-            if unit.codec == "planes":
-                (role, dtype, shape), spec = specs[0]
-                prev = None if parent is None else parent.get(spec["name"])
-                if enc.meta.get("xor") and prev is None:
-                    raise CorruptData(f"{label}: XOR-coded against a parent that was not restored")
-                tensors = {role: lossless.decode(enc, dtype, shape, prev)}
-            elif unit.codec == "excp":
-                _check_lossy_streams(enc, specs, label)
-                (_, _, shape), spec = specs[0]
-                prev = None if enc.meta.get("keyframe") or parent is None else parent.get(spec["name"])
-                if not enc.meta.get("keyframe") and prev is None:
-                    raise CorruptData(f"{label}: link has no parent reconstruction")
-                dtypes = {role: dtype for (role, dtype, _), _ in specs}
-                tensors = lossy.decode_unit(enc, prev, dtypes, shape, device)
-            else:
-                raise CorruptData(f"{label}: unknown codec {unit.codec!r}")
-        except (RuntimeError, IndexError, ValueError, KeyError, TypeError) as exc:
-            raise CorruptData(f"{label}: cannot decode ({exc})") from None
-        for (role, _, _), spec in specs:
-            tensor = tensors[role]
-            bundle.add(TensorEntry(spec["name"], role, tensor, spec.get("param")))
-            if role is Role.WEIGHT or (mode == "lossless" and role in MOMENT_ROLES):
-                recon[spec["name"]] = tensor
+    jobs = []
+    with ThreadPoolExecutor(DECODE_THREADS) as pool:
+        for unit in reader.units:
+            label = f"{reader.label}, tensor {unit.name!r}"
+            specs = [(_tensor_spec(s, label), s) for s in unit.tensors]
+            roles = {role for (role, _, _), _ in specs}
+            if weights_only and (roles <= {Role.OTHER} or (mode == "excp" and roles <= set(MOMENT_ROLES))):
+                continue
+            if weights_only and mode == "excp":
+                specs = [item for item in specs if item[0][0] is Role.WEIGHT]
+            streams = _guarded(label, lambda unit=unit: _read_streams(reader, unit, device))
+            jobs.append((specs, pool.submit(
+                _guarded, label, lambda u=unit, sp=specs, st=streams, lb=label:
+                _decode_unit(u, sp, st, parent, device, lb))))
+        for specs, job in jobs:
+            tensors = job.result()
+            for (role, _, _), spec in specs:
+                bundle.add(TensorEntry(spec["name"], role, tensors[role], spec.get("param")))
+                if role is Role.WEIGHT or (mode == "lossless" and role in MOMENT_ROLES):
+                    recon[spec["name"]] = tensors[role]
     if not weights_only:
         for name in reader.extras:
             bundle.extras[name] = reader.read_extra(name)
     return bundle, recon
+
+
+def _guarded(label: str, work: Callable[[], Any]) -> Any:
+    """Malformed but checksummed input surfaces as a torch/numpy error: CorruptData."""
+    try:
+        return work()
+    except (RuntimeError, IndexError, ValueError, KeyError, TypeError) as exc:
+        raise CorruptData(f"{label}: cannot decode ({exc})") from None
+
+
+def _decode_unit(unit: Unit, specs: list, streams: dict[str, torch.Tensor],
+                 parent: Reconstruction | None, device: torch.device,
+                 label: str) -> dict[Role, torch.Tensor]:
+    enc = Encoded(unit.meta, streams)
+    (role, dtype, shape), spec = specs[0]
+    if unit.codec == "planes":
+        prev = None if parent is None else parent.get(spec["name"])
+        if enc.meta.get("xor") and prev is None:
+            raise CorruptData(f"{label}: XOR-coded against a parent that was not restored")
+        return {role: lossless.decode(enc, dtype, shape, prev)}
+    if unit.codec == "excp":
+        _check_lossy_streams(enc, specs, label)
+        prev = None if enc.meta.get("keyframe") or parent is None else parent.get(spec["name"])
+        if not enc.meta.get("keyframe") and prev is None:
+            raise CorruptData(f"{label}: link has no parent reconstruction")
+        dtypes = {role: dtype for (role, dtype, _), _ in specs}
+        return lossy.decode_unit(enc, prev, dtypes, shape, device)
+    raise CorruptData(f"{label}: unknown codec {unit.codec!r}")
 
 
 def _check_lossy_streams(enc: Encoded, specs: list, label: str) -> None:
