@@ -1,10 +1,12 @@
 """``excp demo``: the whole product in two minutes on a laptop CPU.
 
 Trains the workload's GPT, pushes a compressed checkpoint to the store every
-``every`` steps (keeping the reconstruction in memory, as the training-loop hook
-does), resumes training from each *reconstructed* checkpoint, restores one checkpoint
-to a file the way a user would, and compares the final eval loss with an identical
-run that never went through excp.
+``every`` steps up to ``steps`` (keeping the reconstruction in memory, as the
+training-loop hook does), resumes training from each *reconstructed* checkpoint —
+including half an interval past the last one, so the final loss shows training going
+on from a restored checkpoint — restores one checkpoint to a file the way a user
+would, and compares the final eval loss with an identical run that never went
+through excp.
 """
 
 from __future__ import annotations
@@ -59,13 +61,14 @@ def run_demo(store: Store, *, config: str = "small", steps: int = 300, every: in
                f"{c.raw_bytes / 1e6:7.2f} MB -> {c.size / 1e6:6.3f} MB  ({c.ratio:5.1f}x)")
         return api.load_dict(api.restore(run, step, store=store))
 
-    report(f"training {config} GPT for {steps} steps, pushing to {store.url} run {run!r} "
-           f"every {every} steps")
+    total = steps + every // 2
+    report(f"training {config} GPT for {total} steps, pushing to {store.url} run {run!r} "
+           f"every {every} steps and resuming from each reconstruction")
     with torch.random.fork_rng():
-        compressed = run_chain(config, steps, every, seed, on_checkpoint)
+        compressed = run_chain(config, total, every, seed, on_checkpoint)
     report("training the same run without excp, for reference")
     with torch.random.fork_rng():
-        reference = run_chain(config, steps, every, seed)
+        reference = run_chain(config, total, every, seed)
     out = Path(out_dir or tempfile.mkdtemp(prefix="excp-demo-"))
     restored = api.restore(run, commits[-1].step, out / f"step-{commits[-1].step}.pt", store=store)
     path = out / f"step-{restored.step}.pt"

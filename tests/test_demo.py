@@ -26,6 +26,7 @@ def test_demo_trains_pushes_restores_and_reports(tmp_path) -> None:
     restored = lines[-1].split(" to ")[-1]
     ckpt = torch.load(restored, weights_only=True)
     assert ckpt["step"] == 40 and "model" in ckpt and "optimizer" in ckpt
+    assert "training tiny GPT for 50 steps" in lines[0]
     assert (store / "runs").is_dir()
 
 
