@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from excp.adapters import load_checkpoint, save_checkpoint, torch_dict
-from excp.bundle import FLOAT_DTYPES, Bundle, Role
+from excp.bundle import FLOAT_DTYPES, Bundle
 from excp.cache import ReconCache
 from excp.chain import Base, Chain, Commit, PushResult, recon_digest
 from excp.codec.params import CodecParams
@@ -67,13 +67,11 @@ def to_bundle(checkpoint: str | Path | Bundle | dict) -> Bundle:
     return load_checkpoint(checkpoint)
 
 
-def _ensure_run(chain: Chain, params: CodecParams | None, base: BaseSpec | None,
-                bundle: Bundle) -> Reconstruction | None:
+def _ensure_run(chain: Chain, params: CodecParams | None,
+                base: BaseSpec | None) -> Reconstruction | None:
     """Create the run on first push; check options against an existing run.
     Returns the base reconstruction when the run starts from a rebuilt base."""
     base_recon = build_base(base) if base else None
-    if base_recon is not None:
-        base_recon = {e.name: base_recon[e.name] for e in bundle.weights() if e.name in base_recon}
     if not chain.exists():
         record = Base(base.seed, base.factory, recon_digest(base_recon)) if base else None
         chain.create(params or CodecParams(), record)
@@ -100,7 +98,7 @@ def push(checkpoint: str | Path | Bundle | dict, run: str, *, step: int | None =
         raise InvalidInput("this checkpoint does not say its step: pass --step N")
     st = _store(store)
     chain = Chain(st, run)
-    base_recon = _ensure_run(chain, params, base, bundle)
+    base_recon = _ensure_run(chain, params, base)
     cache = ReconCache(st.url, run)
 
     def parent_of(head: Commit) -> Reconstruction:
@@ -221,11 +219,3 @@ def verify(run: str, *, store: str | Store | None = None, base: BaseSpec | None 
         if progress:
             progress(1)
     return report
-
-
-def weights_of(bundle: Bundle) -> dict[str, torch.Tensor]:
-    return {e.name: e.tensor for e in bundle.weights()}
-
-
-__all__ = ["BaseSpec", "push", "restore", "rebuild", "verify", "list_runs", "list_commits",
-           "inspect_archive", "load_dict", "weights_of", "Role"]
