@@ -26,7 +26,7 @@ import torch
 
 from excp.bundle import Role
 from excp.codec import kmeans
-from excp.codec.pack import flatnonzero, pack_mask, unpack_mask
+from excp.codec.pack import flatnonzero, lookup, pack_mask, unpack_mask
 from excp.codec.params import CodecParams
 from excp.codec.prune import moment_threshold, weight_threshold
 from excp.codec.types import Encoded
@@ -80,7 +80,7 @@ def encode_unit(name: str, weight: torch.Tensor, parent: torch.Tensor | None,
     enc.streams = {"mask": pack_mask(sent), "wcodes": q.codes, "wbook": _book_bytes(q.codebook)}
     if Role.EXP_AVG in moments and v is not None:
         _encode_moments(enc, positions, moments, params)
-    recon = _weight(base, positions, q.codebook[q.codes.long()], w.numel(), w.device)
+    recon = _weight(base, positions, lookup(q.codebook, q.codes), w.numel(), w.device)
     return enc, recon.to(weight.dtype).view(weight.shape)
 
 
@@ -125,7 +125,7 @@ def decode_unit(enc: Encoded, parent: torch.Tensor | None, dtypes: dict[Role, to
     streams = enc.streams
     positions = flatnonzero(unpack_mask(streams["mask"], n))
     base = None if parent is None else parent.reshape(-1).float()
-    w = _weight(base, positions, _book(streams["wbook"])[streams["wcodes"].long()], n, device)
+    w = _weight(base, positions, lookup(_book(streams["wbook"]), streams["wcodes"]), n, device)
     out = {Role.WEIGHT: w.to(dtypes[Role.WEIGHT]).view(shape)}
     moment_roles = [r for r in dtypes if r is not Role.WEIGHT]
     if not moment_roles:
@@ -137,7 +137,7 @@ def decode_unit(enc: Encoded, parent: torch.Tensor | None, dtypes: dict[Role, to
         key = _MOMENT_STREAM[role]
         values = torch.zeros(n, dtype=dtypes[role], device=device)
         if f"{key}codes" in streams:
-            decoded = _book(streams[f"{key}book"])[streams[f"{key}codes"].long()]
+            decoded = lookup(_book(streams[f"{key}book"]), streams[f"{key}codes"])
             values.index_copy_(0, kept, decoded.to(dtypes[role]))
         out[role] = values.view(shape)
     if Role.EXP_AVG in out and Role.EXP_AVG_SQ in out:
