@@ -8,7 +8,7 @@ import torch
 
 from excp import api
 from excp.chain import Chain
-from excp.codec.params import CodecParams
+from excp.codec.params import PRESETS, CodecParams
 from excp.errors import ChainMismatch, Conflict, CorruptData, InvalidInput, NotFound
 from excp.store import open_store
 
@@ -237,3 +237,23 @@ def test_lossless_chain_stores_less_than_byte_plane_zstd(tmp_path, tiny_run) -> 
         baseline += sum(_byte_plane_zstd(t) for t in tensors)
     stored = sum(c.size for c in api.list_commits("ll", store))
     assert stored < baseline, (stored, baseline)
+
+
+def test_presets_trade_ratio_for_fidelity(tmp_path, tiny_run) -> None:
+    """On the same checkpoints: paper stores the most of the lossy presets, max the least,
+    and each restores with error in the same order."""
+    ckpts = []
+    run = tiny_run()
+    for _ in range(4):
+        ckpts.append({k: (v if k != "model" else {n: t.clone() for n, t in v.items()})
+                      for k, v in run.advance(5).items()})
+    stored, errors = {}, {}
+    for name in ("paper", "default", "max"):
+        store = str(tmp_path / name)
+        for i, ckpt in enumerate(ckpts):
+            api.push(ckpt, name, store=store, params=PRESETS[name] if i == 0 else None)
+        stored[name] = sum(c.size for c in api.list_commits(name, store))
+        restored = api.load_dict(api.restore(name, "latest", store=store))
+        errors[name] = _max_error(restored, ckpts[-1])
+    assert stored["paper"] > stored["default"] > stored["max"], stored
+    assert errors["paper"] < errors["max"], errors
