@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from excp.adapters import load_checkpoint, save_checkpoint, torch_dict
+from excp.adapters import load_checkpoint, save_checkpoint, state_dict, torch_dict
 from excp.bundle import FLOAT_DTYPES, Bundle
 from excp.cache import ReconCache
 from excp.chain import Base, Chain, Commit, PushResult, recon_digest
@@ -35,6 +35,19 @@ class BaseSpec:
 
     seed: int
     factory: str
+
+
+def _device(name: str) -> torch.device:
+    """A device restore can decode on, or a clear error naming the fix."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InvalidInput(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInput(f"device {name!r} asked for, but CUDA is not available here: use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise InvalidInput(f"device {name!r} is not supported: use cpu or cuda")
+    return device
 
 
 def _store(store: str | Store | None) -> Store:
@@ -60,9 +73,12 @@ def build_base(spec: BaseSpec) -> Reconstruction:
 
 
 def to_bundle(checkpoint: str | Path | Bundle | dict) -> Bundle:
+    """A path (any layout), a checkpoint dict, a bare state dict, or a Bundle as is."""
     if isinstance(checkpoint, Bundle):
         return checkpoint
     if isinstance(checkpoint, dict):
+        if torch_dict.model_key(checkpoint) is None and state_dict.is_state_dict(checkpoint):
+            return state_dict.to_bundle(checkpoint)
         return torch_dict.to_bundle(checkpoint)
     return load_checkpoint(checkpoint)
 
@@ -125,7 +141,7 @@ def restore(run: str, step: int | str = "latest", out: str | Path | None = None,
     """Reconstruct ``step`` (or ``latest``); write it to ``out`` in the layout it was
     pushed in, if given. Returns the bundle."""
     chain = Chain(_store(store), run)
-    bundle, _ = chain.restore(chain.resolve(step), device, _base_for(base), progress)
+    bundle, _ = chain.restore(chain.resolve(step), _device(device), _base_for(base), progress)
     if out is not None:
         save_checkpoint(bundle, out)
     return bundle

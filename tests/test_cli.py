@@ -276,3 +276,17 @@ def test_init_seed_without_model_factory_is_a_usage_error(cli, checkpoints, tmp_
     assert "excp: error [" not in result.stderr
     result = cli("restore", "--run", "r", "--init-seed", "1", "-o", str(tmp_path / "z.pt"))
     assert result.exit_code == 2 and "go together" in result.stderr
+
+
+def test_restore_on_an_unavailable_device_is_a_clear_error(tmp_path) -> None:
+    import torch
+
+    from excp import api
+    from excp.errors import InvalidInput
+
+    api.push({"w": torch.randn(4, 4)}, "dev", step=1, store=str(tmp_path))
+    if not torch.cuda.is_available():
+        with pytest.raises(InvalidInput, match="CUDA is not available"):
+            api.restore("dev", 1, store=str(tmp_path), device="cuda")
+    with pytest.raises(InvalidInput, match="unknown device"):
+        api.restore("dev", 1, store=str(tmp_path), device="gpu0")
