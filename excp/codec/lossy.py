@@ -96,9 +96,10 @@ def _encode_moments(enc: Encoded, positions: torch.Tensor, moments: dict[Role, t
     local = flatnonzero(kept)
     enc.streams["mmask"] = pack_mask(kept)
     enc.meta["moments"] = local.numel()
+    where = positions.index_select(0, local)
     levels = 1 << params.moment_bits
     for role, moment in moments.items():
-        values = moment.reshape(-1).index_select(0, positions).index_select(0, local).float()
+        values = moment.reshape(-1).index_select(0, where).float()
         if role is Role.EXP_AVG:
             domain = kmeans.Domain("slog", threshold or float(values.abs().max()) or 1.0)
         else:
