@@ -83,19 +83,24 @@ def to_bundle(checkpoint: str | Path | Bundle | dict) -> Bundle:
     return load_checkpoint(checkpoint)
 
 
-def _ensure_run(chain: Chain, params: CodecParams | None,
-                base: BaseSpec | None) -> Reconstruction | None:
-    """Create the run on first push; check options against an existing run.
-    Returns the base reconstruction when the run starts from a rebuilt base."""
-    base_recon = build_base(base) if base else None
+def _ensure_run(chain: Chain, params: CodecParams | None, base: BaseSpec | None,
+                base_recon: Callable[[], Reconstruction | None]) -> None:
+    """Create the run on first push; check the options of a later push against it."""
     if not chain.exists():
-        record = Base(base.seed, base.factory, recon_digest(base_recon)) if base else None
+        recon = base_recon()
+        record = Base(base.seed, base.factory, recon_digest(recon)) if base and recon is not None else None
         chain.create(params or CodecParams(), record)
-    elif params is not None and params != chain.params():
+        return
+    if params is not None and params != chain.params():
         raise InvalidInput(
             f"run {chain.run!r} was created with different codec options "
             f"({chain.params().to_dict()}); drop the options or push to a new --run")
-    return base_recon
+    stored = chain.base()
+    if base is not None and (stored is None or (stored.seed, stored.factory) != (base.seed, base.factory)):
+        created = "without a seed base" if stored is None else \
+            f"from --init-seed {stored.seed} --model-factory {stored.factory}"
+        raise InvalidInput(f"run {chain.run!r} was created {created}: push with the same base "
+                           "options or to a new --run")
 
 
 def push(checkpoint: str | Path | Bundle | dict, run: str, *, step: int | None = None,
@@ -105,8 +110,10 @@ def push(checkpoint: str | Path | Bundle | dict, run: str, *, step: int | None =
     """Compress ``checkpoint`` as step ``step`` of ``run`` and commit it.
 
     ``parent_recon`` is the head's reconstruction if the caller kept it (the hook
-    does); otherwise it comes from the local cache or by decoding the chain. Returns
-    the result and this step's reconstruction.
+    does); otherwise it comes from the local cache or by decoding the chain. The base
+    model is only rebuilt when it is needed: creating the run, coding the first link,
+    or decoding a chain that starts from it. Returns the result and this step's
+    reconstruction.
     """
     bundle = to_bundle(checkpoint)
     step = bundle.step if step is None else step
@@ -114,7 +121,14 @@ def push(checkpoint: str | Path | Bundle | dict, run: str, *, step: int | None =
         raise InvalidInput("this checkpoint does not say its step: pass --step N")
     st = _store(store)
     chain = Chain(st, run)
-    base_recon = _ensure_run(chain, params, base)
+    built: dict[str, Reconstruction | None] = {}
+
+    def base_recon() -> Reconstruction | None:
+        if "base" not in built:
+            built["base"] = _base_for(base)
+        return built["base"]
+
+    _ensure_run(chain, params, base, base_recon)
     cache = ReconCache(st.url, run)
 
     def parent_of(head: Commit) -> Reconstruction:
@@ -123,9 +137,10 @@ def push(checkpoint: str | Path | Bundle | dict, run: str, *, step: int | None =
         cached = cache.get(head.step, head.digest)
         if cached is not None:
             return cached
-        return chain.restore(head.step, base_recon=base_recon or _base_for(base))[1]
+        return chain.restore(head.step, base_recon=base_recon())[1]
 
-    result, recon = chain.push(bundle, step, parent_of, base_recon, progress)
+    first = base_recon() if chain.head() is None else None
+    result, recon = chain.push(bundle, step, parent_of, first, progress)
     if result.created:
         cache.put(step, result.commit.digest, recon)
     return result, recon

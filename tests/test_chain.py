@@ -257,3 +257,11 @@ def test_presets_trade_ratio_for_fidelity(tmp_path, tiny_run) -> None:
         errors[name] = _max_error(restored, ckpts[-1])
     assert stored["paper"] > stored["default"] > stored["max"], stored
     assert errors["paper"] < errors["max"], errors
+
+
+def test_base_options_must_match_the_run(tmp_path, tiny_run) -> None:
+    store = str(tmp_path / "s")
+    api.push(tiny_run().advance(2), "nobase", store=store)
+    with pytest.raises(InvalidInput, match="created without a seed base"):
+        api.push(tiny_run().advance(4), "nobase", store=store,
+                 base=api.BaseSpec(0, "tests.factories:mlp"))
