@@ -1,15 +1,15 @@
 """Non-uniform scalar quantization: 1-D k-means on a histogram.
 
 Sorting or clustering millions of values directly is slow and device-dependent.
-Instead every value is dropped into one of at most ``HIST_BINS`` bins (an integer
-count per bin, identical on CPU and GPU), and Lloyd's algorithm runs on the bin
-representatives weighted by their counts, in float64 on the host. That costs
-milliseconds, matches scikit-learn's KMeans on the raw values (a test holds it to
-2%), and makes the codebook a pure function of integer counts, so every device picks
-the same one.
+Instead a fixed strided sample of the values (the same positions on every device) is
+dropped into at most ``HIST_BINS`` bins on the host, and Lloyd's algorithm runs on the
+bin representatives weighted by their integer counts, in float64, started from the
+optimum of a coarser histogram. That costs milliseconds, matches scikit-learn's KMeans
+on the raw values (a test holds it to 2%), and makes the codebook a pure function of
+the sample, so every device picks the same one.
 
 Values can be clustered in a transformed domain (``log`` for second moments, which
-span many decades; ``asinh`` for first moments); the codebook is stored in the value
+span many decades; ``slog`` for first moments); the codebook is stored in the value
 domain as float32, never float16 (float16 flushes second moments to zero).
 """
 

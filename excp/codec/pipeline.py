@@ -102,7 +102,6 @@ def _encode_weight(bundle: Bundle, weight: TensorEntry, out: _Background, params
         raise ChainMismatch(
             f"{label}: tensor {weight.name!r} is new in this checkpoint; a chain needs the "
             "same tensors throughout: push this checkpoint to a new --run")
-    check_parent(weight, prev, label)
     if params.mode == "lossless":
         recon = {}
         for entry in [weight, *moments.values()]:
@@ -112,6 +111,7 @@ def _encode_weight(bundle: Bundle, weight: TensorEntry, out: _Background, params
             out.add_unit(entry.name, "planes", [_describe(entry)], enc.meta, enc.streams)
             recon[entry.name] = entry.tensor
         return recon
+    check_parent(weight, prev, label)
     enc, restored = lossy.encode_unit(
         weight.name, weight.tensor, None if keyframe else prev,
         {role: e.tensor for role, e in moments.items()}, params, keyframe)
@@ -147,14 +147,25 @@ def decode_archive(reader: ArchiveReader, parent: Reconstruction | None,
 
     The main thread reads and entropy-decodes each unit's streams (file access is
     sequential) while worker threads run the tensor math of the units before it:
-    torch and numpy release the GIL, so the two overlap.
+    torch and numpy release the GIL, so the two overlap. At most ``2 * DECODE_THREADS``
+    units are in flight, so decoded streams never pile up (lossless streams are as
+    large as the tensors).
     """
     device = torch.device(device)
     header = reader.header
     mode = header["params"]["mode"]
     bundle = Bundle(layout=header["layout"], step=header.get("step"))
     recon: Reconstruction = {}
-    jobs = []
+    jobs: deque[tuple[list, Future]] = deque()
+
+    def collect() -> None:
+        specs, job = jobs.popleft()
+        tensors = job.result()
+        for (role, _, _), spec in specs:
+            bundle.add(TensorEntry(spec["name"], role, tensors[role], spec.get("param")))
+            if role is Role.WEIGHT or (mode == "lossless" and role in MOMENT_ROLES):
+                recon[spec["name"]] = tensors[role]
+
     with ThreadPoolExecutor(DECODE_THREADS) as pool:
         for unit in reader.units:
             label = f"{reader.label}, tensor {unit.name!r}"
@@ -164,16 +175,14 @@ def decode_archive(reader: ArchiveReader, parent: Reconstruction | None,
                 continue
             if weights_only and mode == "excp":
                 specs = [item for item in specs if item[0][0] is Role.WEIGHT]
+            while len(jobs) >= 2 * DECODE_THREADS:
+                collect()
             streams = _guarded(label, lambda unit=unit: _read_streams(reader, unit, device))
             jobs.append((specs, pool.submit(
                 _guarded, label, lambda u=unit, sp=specs, st=streams, lb=label:
                 _decode_unit(u, sp, st, parent, device, lb))))
-        for specs, job in jobs:
-            tensors = job.result()
-            for (role, _, _), spec in specs:
-                bundle.add(TensorEntry(spec["name"], role, tensors[role], spec.get("param")))
-                if role is Role.WEIGHT or (mode == "lossless" and role in MOMENT_ROLES):
-                    recon[spec["name"]] = tensors[role]
+        while jobs:
+            collect()
     if not weights_only:
         for name in reader.extras:
             bundle.extras[name] = reader.read_extra(name)
