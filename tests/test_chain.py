@@ -84,20 +84,24 @@ def test_everything_but_weights_and_moments_comes_back_bit_exact(tmp_path, tiny_
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_half_precision_chains(tmp_path, tiny_run, dtype) -> None:
-    """Each dtype restores in its own dtype, and the last link's error is a small
-    fraction of the update it coded (error relative to the weights depends on how fast
-    each dtype's run moves, so it is not comparable across dtypes)."""
+    """Each dtype restores in its own dtype, and the last link's error is a fraction of
+    the update it coded: the default step of 1.5·RMS(ΔW) leaves an RMS error near
+    1.5/√12 ≈ 0.43 of it, over the whole model (a small bf16 tensor that moved by one
+    ulp per element rounds to no move at all; error relative to the weights depends on
+    how fast each dtype's run moves, so it is not comparable across dtypes)."""
     run, store = tiny_run(dtype=dtype, eps=1e-4), str(tmp_path / "s")
     for _ in range(3):
         previous = {k: v.clone() for k, v in _weights(run.advance(0)).items()}
         ckpt = run.advance(4)
         api.push(ckpt, "half", store=store)
     restored = api.load_dict(api.restore("half", "latest", store=store))
+    error = update = 0.0
     for name, tensor in _weights(ckpt).items():
         got = restored["model"][name]
         assert got.dtype == dtype
-        update = (tensor.float() - previous[name].float()).norm()
-        assert float((got.float() - tensor.float()).norm() / update) < 0.35, name
+        update += float((tensor.float() - previous[name].float()).pow(2).sum())
+        error += float((got.float() - tensor.float()).pow(2).sum())
+    assert (error / update) ** 0.5 < 0.5
 
 
 def test_lossless_mode_is_bit_exact(tmp_path, tiny_run) -> None:

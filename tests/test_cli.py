@@ -166,7 +166,8 @@ def test_inspect_an_archive_and_a_stored_step(cli, checkpoints, store) -> None:
     names = {unit["name"] for unit in info["units"]}
     assert {"0.weight", "3.bias"} <= names
     weight = next(u for u in info["units"] if u["name"] == "0.weight")
-    assert weight["codec"] == "excp" and {"mask", "wcodes", "wbook"} <= set(weight["streams"])
+    assert weight["codec"] == "excp" and {"wcodes", "wbook"} <= set(weight["streams"])
+    assert weight["meta"]["dense"] and "mask" not in weight["streams"]
 
     as_file = json.loads(_ok(cli("inspect", str(first), "--json")))
     assert as_file["header"]["keyframe"] is True and "commit" not in as_file

@@ -30,6 +30,8 @@ CASES = {
     "amsgrad": ("excp", "torch_dict", True, torch.float32, True),
     "weights_only": ("excp", "state_dict", False, torch.float32, False),
     "lossless": ("lossless", "torch_dict", True, torch.float32, False),
+    "uniform": ("excp", "torch_dict", True, torch.float32, False),
+    "uniform_bf16": ("excp", "torch_dict", True, torch.bfloat16, False),
 }
 
 
@@ -65,6 +67,8 @@ def test_golden_chain_decodes_bit_identically(case: str) -> None:
             assert header["params"]["mode"] == mode
             assert header["keyframe"] == (i == 0)
             assert header["parent"] == (None if i == 0 else steps[i - 1])
+            dense = {bool(u.meta.get("dense")) for u in reader.units if u.codec == "excp"}
+            assert dense == ({True} if case.startswith("uniform") else {False} if mode == "excp" else set())
             bundle, recon = decode_archive(reader, None if i == 0 else recon)
 
         expected_path = GOLDEN / case / f"{step}.expected.safetensors"

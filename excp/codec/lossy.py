@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from excp.bundle import Role
-from excp.codec import kmeans
+from excp.codec import kmeans, uniform
 from excp.codec.pack import flatnonzero, lookup, pack_mask, unpack_mask
 from excp.codec.params import CodecParams
 from excp.codec.prune import moment_threshold, weight_threshold
@@ -67,21 +67,44 @@ def encode_unit(name: str, weight: torch.Tensor, parent: torch.Tensor | None,
     base = None if parent is None else parent.reshape(-1).float()
     delta = w if base is None else w - base
     v = moments.get(Role.EXP_AVG_SQ)
+    if params.weight_rule == "uniform":
+        enc, positions, values = _encode_uniform(delta, params, keyframe)
+    else:
+        enc, positions, values = _encode_pruned(delta, None if v is None else v.reshape(-1), params,
+                                                keyframe)
+    if Role.EXP_AVG in moments and v is not None:
+        _encode_moments(enc, positions, moments, params)
+    recon = _weight(base, positions, values, w.numel(), w.device)
+    return enc, recon.to(weight.dtype).view(weight.shape)
+
+
+def _encode_pruned(delta: torch.Tensor, v: torch.Tensor | None, params: CodecParams,
+                   keyframe: bool) -> tuple[Encoded, torch.Tensor, torch.Tensor]:
+    """The paper's scheme: a mask of the residuals kept, k-means codes for them.
+    Returns the unit, the sent positions and their decoded values."""
     if keyframe:
         sent = delta != 0
         bits = params.keyframe_bits
     else:
-        threshold = weight_threshold(delta, None if v is None else v.reshape(-1), params)
-        sent = delta.abs() > threshold
+        sent = delta.abs() > weight_threshold(delta, v, params)
         bits = params.weight_bits
     positions = flatnonzero(sent)
     q = kmeans.quantize(delta.index_select(0, positions), 1 << bits)
     enc = Encoded(meta={"keyframe": keyframe, "sent": positions.numel()})
     enc.streams = {"mask": pack_mask(sent), "wcodes": q.codes, "wbook": _book_bytes(q.codebook)}
-    if Role.EXP_AVG in moments and v is not None:
-        _encode_moments(enc, positions, moments, params)
-    recon = _weight(base, positions, lookup(q.codebook, q.codes), w.numel(), w.device)
-    return enc, recon.to(weight.dtype).view(weight.shape)
+    return enc, positions, lookup(q.codebook, q.codes)
+
+
+def _encode_uniform(delta: torch.Tensor, params: CodecParams,
+                    keyframe: bool) -> tuple[Encoded, torch.Tensor, torch.Tensor]:
+    """Dense uniform codes for every position (code 0: not sent). Returns the unit,
+    the sent positions and the decoded values of every position."""
+    q = uniform.quantize(delta, params.keyframe_step if keyframe else params.weight_step)
+    values = uniform.values(q.packed, q.book, q.n)
+    positions = flatnonzero(values != 0)
+    enc = Encoded(meta={"keyframe": keyframe, "sent": positions.numel(), "dense": True})
+    enc.streams = {"wcodes": q.packed, "wbook": _book_bytes(q.book)}
+    return enc, positions, values
 
 
 def _encode_moments(enc: Encoded, positions: torch.Tensor, moments: dict[Role, torch.Tensor],
@@ -112,8 +135,11 @@ def _encode_moments(enc: Encoded, positions: torch.Tensor, moments: dict[Role, t
 
 def _weight(base: torch.Tensor | None, positions: torch.Tensor, values: torch.Tensor, n: int,
             device: torch.device) -> torch.Tensor:
-    """Ŵ = base + values at positions (float32). Shared by encoder and decoder so the
-    closed loop sees exactly what restore gives."""
+    """Ŵ = base + values (float32): ``values`` are either dense (one per position) or
+    at ``positions``. Shared by encoder and decoder so the closed loop sees exactly
+    what restore gives."""
+    if values.numel() == n:
+        return values.clone() if base is None else base + values
     out = torch.zeros(n, dtype=torch.float32, device=device) if base is None else base.clone()
     return out.index_add_(0, positions, values)
 
@@ -124,9 +150,17 @@ def decode_unit(enc: Encoded, parent: torch.Tensor | None, dtypes: dict[Role, to
     for d in shape:
         n *= d
     streams = enc.streams
-    positions = flatnonzero(unpack_mask(streams["mask"], n))
     base = None if parent is None else parent.reshape(-1).float()
-    w = _weight(base, positions, lookup(_book(streams["wbook"]), streams["wcodes"]), n, device)
+    if enc.meta.get("dense"):
+        values = uniform.values(streams["wcodes"], _book(streams["wbook"]), n)
+        sent = values != 0
+    else:
+        sent = unpack_mask(streams["mask"], n)
+        values = None
+    positions = flatnonzero(sent)
+    if values is None:
+        values = lookup(_book(streams["wbook"]), streams["wcodes"])
+    w = _weight(base, positions, values, n, device)
     out = {Role.WEIGHT: w.to(dtypes[Role.WEIGHT]).view(shape)}
     moment_roles = [r for r in dtypes if r is not Role.WEIGHT]
     if not moment_roles:

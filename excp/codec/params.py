@@ -14,7 +14,7 @@ from typing import Any
 from excp.errors import InvalidInput
 
 MODES = ("excp", "lossless")
-WEIGHT_RULES = ("paper", "keep")
+WEIGHT_RULES = ("uniform", "paper", "keep")
 
 
 @dataclass(frozen=True)
@@ -22,23 +22,28 @@ class CodecParams:
     """Everything that decides how a checkpoint is coded.
 
     * ``mode``: ``excp`` (lossy ExCP pipeline) or ``lossless`` (bit-exact).
-    * ``weight_rule``: ``paper`` keeps ΔW where |ΔW| > f·median(|ΔW|) with
-      f = min(2.5, alpha / sqrt(mean(v))); ``keep`` keeps the ``weight_keep`` largest
-      fraction of |ΔW| (the substitute used whenever a weight has no second moment).
+    * ``weight_rule``: how the weight residual ΔW = W − Ŵ_parent is coded.
+      ``uniform`` (default) rounds ΔW to multiples of ``weight_step``·RMS(ΔW), keyframes
+      to ``keyframe_step``·RMS(W); level 0 is "not sent" (:mod:`excp.codec.uniform`).
+      ``paper`` (ExCP) sends ΔW where |ΔW| > f·median(|ΔW|) with
+      f = min(2.5, alpha / sqrt(mean(v))), as 2^``weight_bits`` k-means levels
+      (2^``keyframe_bits`` for keyframes); ``keep`` sends the ``weight_keep`` largest
+      fraction of |ΔW| the same way (the substitute for ``paper`` whenever a weight has
+      no second moment). The reference's "2^b − 1 centroids plus an exact zero" is
+      the k-means rules with one centroid fewer.
     * moments: m and v are kept where |m| > beta·mean(|m|), ΔW was sent and v > 0
-      (the paper's joint rule plus the v > 0 guard), and are zero elsewhere.
-    * ``weight_bits`` / ``moment_bits``: 2^b centroids for the values a link sends
-      (positions not sent are zero, marked by the mask: the reference's "2^b − 1
-      centroids plus an exact zero" is that with one centroid fewer);
-      ``keyframe_bits`` the same for standalone keyframes.
+      (the paper's joint rule plus the v > 0 guard), as 2^``moment_bits`` k-means
+      levels, and are zero elsewhere.
     * ``keyframe_every``: a standalone keyframe every K links (0: only the first).
     """
 
     mode: str = "excp"
-    weight_rule: str = "paper"
+    weight_rule: str = "uniform"
     alpha: float = 5e-5
     beta: float = 3.0
     weight_keep: float = 0.75
+    weight_step: float = 1.5
+    keyframe_step: float = 0.1
     weight_bits: int = 3
     moment_bits: int = 3
     keyframe_bits: int = 6
@@ -52,6 +57,8 @@ class CodecParams:
             (self.alpha > 0, "alpha must be > 0"),
             (self.beta >= 0, "beta must be >= 0"),
             (0 < self.weight_keep <= 1, "weight_keep must be in (0, 1]"),
+            (0 < self.weight_step <= 16, "weight_step must be in (0, 16]"),
+            (0 < self.keyframe_step <= 16, "keyframe_step must be in (0, 16]"),
             (1 <= self.weight_bits <= 8, "weight_bits must be in 1..8"),
             (1 <= self.moment_bits <= 8, "moment_bits must be in 1..8"),
             (2 <= self.keyframe_bits <= 8, "keyframe_bits must be in 2..8"),
@@ -82,13 +89,13 @@ class CodecParams:
 PRESETS: dict[str, CodecParams] = {
     # The ExCP paper's configuration (alpha 5e-5, beta 2, 4-bit codebooks), with our
     # fixes (float32 / log-domain codebooks, v > 0 guard, closed loop, zstd inside).
-    "paper": CodecParams(beta=2.0, weight_bits=4, moment_bits=4, keyframe_bits=8),
-    # Paper-like fidelity for cautious users.
-    "safe": CodecParams(beta=2.0, weight_bits=4, moment_bits=4, keyframe_bits=8, keyframe_every=10),
-    # Measured on the workload GPT (README): 1.5x the paper's ratio at the same loss.
+    "paper": CodecParams(weight_rule="paper", beta=2.0, weight_bits=4, moment_bits=4, keyframe_bits=8),
+    # Finer residuals, more and finer moments, a keyframe every 10 links.
+    "safe": CodecParams(weight_step=1.0, beta=2.0, moment_bits=4, keyframe_every=10),
+    # Measured on the workload GPT (README): over 2x the paper's ratio at a lower loss.
     "default": CodecParams(),
-    # Higher ratio, measurably (~0.5%) worse loss on the workload GPT.
-    "max": CodecParams(weight_bits=2, beta=4.0, moment_bits=2, keyframe_every=50),
+    # Coarser residuals, fewer and coarser moments, keyframes half as often.
+    "max": CodecParams(weight_step=2.0, beta=4.0, moment_bits=2, keyframe_every=50),
     "lossless": CodecParams(mode="lossless"),
 }
 

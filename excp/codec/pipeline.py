@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from excp.bundle import MOMENT_ROLES, Bundle, Role, TensorEntry
-from excp.codec import lossless, lossy
+from excp.codec import lossless, lossy, uniform
 from excp.codec.params import CodecParams
 from excp.codec.types import Encoded
 from excp.errors import ChainMismatch, CorruptData
@@ -225,13 +225,19 @@ def _check_lossy_streams(enc: Encoded, specs: list, label: str) -> None:
         n *= d
     s = enc.streams
     sent = int(enc.meta.get("sent", -1))
-    expected = {"mask": -(-n // 8), "wcodes": sent}
+    if enc.meta.get("dense"):
+        book = s.get("wbook")
+        if book is None or book.numel() % 8 != 4 or book.numel() > 4 * (2 * uniform.MAX_LEVEL + 1):
+            raise CorruptData(f"{label}: stream 'wbook' is not an odd number of levels")
+        expected = {"wcodes": uniform.packed_size(n, (book.numel() // 4 - 1) // 2)}
+    else:
+        expected = {"mask": -(-n // 8), "wcodes": sent}
     if "mmask" in s:
         expected["mmask"] = -(-sent // 8)
     for name, size in expected.items():
         if name not in s or s[name].numel() != size:
             raise CorruptData(f"{label}: stream {name!r} has the wrong size")
-    for key in ("w", "m", "v", "x"):
+    for key in ("w", "m", "v", "x") if not enc.meta.get("dense") else ("m", "v", "x"):
         codes, book = s.get(f"{key}codes"), s.get(f"{key}book")
         if codes is None:
             continue

@@ -1,6 +1,6 @@
 """Build the golden archives under ``tests/golden/v1/`` (run from the repo root).
 
-    python tests/golden/make_golden.py
+    python tests/golden/make_golden.py [CASE ...]
 
 Each case trains a tiny model a few AdamW steps from a fixed seed, pushes three
 checkpoints (a keyframe and two links) as one chain into a fresh local store with
@@ -15,7 +15,8 @@ checkpoints (a keyframe and two links) as one chain into a fresh local store wit
 ``tests/test_golden.py`` decodes the committed archives with today's decoder and
 requires bit-identical tensors, so a change of decoder behaviour (or of the format)
 fails there. Regenerate only for a deliberate format change, and then as a new
-``v<N>`` folder: the old folder is what proves old archives still decode.
+``v<N>`` folder: the old folder is what proves old archives still decode. A case
+added to the format (a new unit variant) is built alone: ``make_golden.py CASE``.
 The script is deterministic on one machine: same torch build, same bytes.
 """
 
@@ -89,12 +90,15 @@ def _weights_only_run() -> Iterator[tuple[int, dict]]:
         yield i * STEPS_PER_CHECKPOINT, dict(model.state_dict())
 
 
+PAPER = {"weight_rule": "paper"}  # the k-means rule (the default before "uniform")
 CASES: dict[str, tuple[Callable[[], Iterator[tuple[int, dict]]], dict]] = {
-    "fp32": (lambda: _adam_run(torch.float32), {}),
-    "bf16": (lambda: _adam_run(torch.bfloat16), {}),
-    "amsgrad": (lambda: _adam_run(torch.float32, amsgrad=True), {}),
-    "weights_only": (_weights_only_run, {}),
+    "fp32": (lambda: _adam_run(torch.float32), PAPER),
+    "bf16": (lambda: _adam_run(torch.bfloat16), PAPER),
+    "amsgrad": (lambda: _adam_run(torch.float32, amsgrad=True), PAPER),
+    "weights_only": (_weights_only_run, PAPER),
     "lossless": (lambda: _adam_run(torch.float32), {"mode": "lossless"}),
+    "uniform": (lambda: _adam_run(torch.float32), {"weight_rule": "uniform"}),
+    "uniform_bf16": (lambda: _adam_run(torch.bfloat16), {"weight_rule": "uniform"}),
 }
 
 
@@ -135,10 +139,11 @@ def main() -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["EXCP_CACHE"] = str(Path(tmp) / "cache")  # never the user's cache
-        for name in CASES:
+        names = sys.argv[1:] or list(CASES)
+        for name in names:
             build_case(name, Path(tmp) / "stores")
     total = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
-    print(f"wrote {len(CASES)} cases to {OUT} ({total / 1000:.1f} KB)")
+    print(f"wrote {', '.join(names)} to {OUT} ({total / 1000:.1f} KB in all)")
 
 
 if __name__ == "__main__":
