@@ -32,7 +32,8 @@ def test_group_size_fits_a_byte(levels: int, size: int) -> None:
 @pytest.mark.parametrize("levels", [1, 2, 3, 5, 7, 8, 20, 127])
 @pytest.mark.parametrize("n", [1, 4, 5, 999])
 def test_pack_and_values_roundtrip_every_digit(levels: int, n: int) -> None:
-    digits = torch.from_numpy(np.random.default_rng(levels * n).integers(0, 2 * levels + 1, n)).to(torch.uint8)
+    rng = np.random.default_rng(levels * n)
+    digits = torch.from_numpy(rng.integers(0, 2 * levels + 1, n)).to(torch.uint8)
     book = torch.arange(-levels, levels + 1, dtype=torch.float32) * 0.5
     packed = uniform._pack(digits, levels)
     assert packed.numel() == uniform.packed_size(n, levels)
