@@ -18,13 +18,15 @@ This is the only module that knows about parents and keyframes.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -32,7 +34,7 @@ from excp.bundle import Bundle, Role, TensorEntry
 from excp.codec.params import CodecParams
 from excp.codec.pipeline import Reconstruction, check_parent, decode_archive, encode_bundle
 from excp.errors import ChainMismatch, Conflict, CorruptData, InvalidInput, NotFound
-from excp.format.container import ArchiveReader, ArchiveWriter
+from excp.format.container import ArchiveReader, ArchiveSummary, ArchiveWriter
 from excp.store import Store
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -135,6 +137,52 @@ def _same_tensors(bundle: Bundle, parent: Reconstruction, label: str) -> bool:
     return covered
 
 
+def encode_archive(run: str, params: CodecParams, head: Commit | None, bundle: Bundle, step: int,
+                   out: BinaryIO, parent_recon: Callable[[Commit], Reconstruction],
+                   base_recon: Reconstruction | None = None,
+                   progress: Callable[[int], None] | None = None,
+                   ) -> tuple[ArchiveSummary, Reconstruction]:
+    """Code ``bundle`` as the step after ``head`` into ``out``; returns the archive's
+    summary and the step's reconstruction. Needs only the head's record and
+    reconstruction, not the store, so a training node can code an archive that a
+    server then commits (:meth:`Chain.commit_archive`)."""
+    label = f"run {run!r} step {step}"
+    if head is None:
+        keyframe, parent = base_recon is None, base_recon
+    else:
+        keyframe = params.keyframe_every > 0 and head.depth + 1 >= params.keyframe_every
+        parent = None if keyframe else parent_recon(head)
+        if parent is not None and not _same_tensors(bundle, parent, label):
+            keyframe, parent = True, None
+    header = {"layout": bundle.layout, "run": run, "step": step,
+              "parent": None if keyframe or head is None else head.step,
+              "keyframe": keyframe, "params": params.to_dict(),
+              "num_parameters": bundle.num_parameters(), "raw_bytes": raw_size(bundle),
+              "input_digest": bundle.digest()}
+    writer = ArchiveWriter(out, level=params.zstd_level, symbols=params.mode == "excp")
+    recon = encode_bundle(bundle, writer, params, parent, keyframe, label, progress)
+    return writer.finish(header), recon
+
+
+_HEADER_FIELDS = {"run": str, "step": int, "parent": (int, type(None)), "keyframe": bool,
+                  "params": dict, "num_parameters": int, "raw_bytes": int, "input_digest": str}
+
+
+def _archive_header(reader: ArchiveReader, summary: ArchiveSummary | None) -> dict[str, Any]:
+    """The header of an archive to commit, checked field by field (and, for an
+    untrusted archive, every checksum)."""
+    if summary is None:
+        reader.verify()
+    header = reader.header
+    for name, kind in _HEADER_FIELDS.items():
+        value = header.get(name)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise InvalidInput(f"{reader.label}: the archive header lacks a valid {name!r}; "
+                               "code the archive with this version of excp")
+    validate_step(header["step"])
+    return header
+
+
 class Chain:
     """One run in one store."""
 
@@ -215,37 +263,56 @@ class Chain:
         Returns the result and this step's reconstruction, for the next push.
         """
         validate_step(step)
-        params = self.params()
-        input_digest = bundle.digest()
         head = self.head()
         if head is not None and step <= head.step:
-            return self._repush(step, input_digest), {}
-        label = f"run {self.run!r} step {step}"
-        if head is None:
-            keyframe, parent, depth = base_recon is None, base_recon, 0
-        else:
-            keyframe = params.keyframe_every > 0 and head.depth + 1 >= params.keyframe_every
-            parent = None if keyframe else parent_recon(head)
-            if parent is not None and not _same_tensors(bundle, parent, f"run {self.run!r} step {step}"):
-                keyframe, parent = True, None
-            depth = 0 if keyframe else head.depth + 1
-        header = {"layout": bundle.layout, "run": self.run, "step": step,
-                  "parent": None if keyframe or head is None else head.step,
-                  "keyframe": keyframe, "params": params.to_dict()}
+            return self._repush(step, bundle.digest()), {}
         with tempfile.TemporaryFile() as spool:
-            writer = ArchiveWriter(spool, level=params.zstd_level, symbols=params.mode == "excp")
-            recon = encode_bundle(bundle, writer, params, parent, keyframe, label, progress)
-            summary = writer.finish(header)
-            archive = f"{self._prefix}/archives/{step:012d}-{summary.digest}.excp"
-            spool.seek(0)
-            self.store.put(archive, spool)
-        commit = Commit(step=step, archive=archive, digest=summary.digest, size=summary.size,
-                        parent=header["parent"], keyframe=keyframe, depth=depth,
-                        num_parameters=bundle.num_parameters(), raw_bytes=raw_size(bundle),
-                        input_digest=input_digest, created_at=time.time())
+            summary, recon = encode_archive(self.run, self.params(), head, bundle, step, spool,
+                                            parent_recon, base_recon, progress)
+            result = self.commit_archive(spool, summary)
+        return result, recon if result.created else {}
+
+    def commit_archive(self, archive: BinaryIO, summary: ArchiveSummary | None = None) -> PushResult:
+        """Store ``archive`` (coded by :func:`encode_archive`, here or on a training node)
+        and commit its step, if it was coded against this run's head.
+
+        Without ``summary`` the archive is untrusted input (an upload): every checksum is
+        verified and its digest computed before anything is stored.
+        """
+        archive.seek(0, io.SEEK_END)
+        size = archive.tell()
+        archive.seek(0)
+        header = _archive_header(ArchiveReader(archive, size, f"run {self.run!r} upload"), summary)
+        step, label = header["step"], f"run {self.run!r} step {header['step']}"
+        if header["run"] != self.run:
+            raise InvalidInput(f"{label}: the archive was coded for run {header['run']!r}; "
+                               "upload it to that run")
+        if CodecParams.from_dict(header["params"]) != self.params():
+            raise ChainMismatch(f"{label}: the archive's codec parameters differ from the run's; "
+                                "code it with the run's parameters")
+        head = self.head()
+        if head is not None and step <= head.step:
+            return self._repush(step, header["input_digest"])
+        expected = None if header["keyframe"] or head is None else head.step
+        if header["parent"] != expected or (head is None and not header["keyframe"] and self.base() is None):
+            raise Conflict(f"{label}: the archive was coded against step {header['parent']}, but the "
+                           f"run's head is {None if head is None else head.step}; code it against the head")
+        if summary is None:
+            archive.seek(0)
+            digest = hashlib.file_digest(archive, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+        else:
+            digest = summary.digest
+        key = f"{self._prefix}/archives/{step:012d}-{digest}.excp"
+        archive.seek(0)
+        self.store.put(key, archive)
+        commit = Commit(step=step, archive=key, digest=digest, size=size, parent=header["parent"],
+                        keyframe=header["keyframe"],
+                        depth=0 if header["keyframe"] or head is None else head.depth + 1,
+                        num_parameters=header["num_parameters"], raw_bytes=header["raw_bytes"],
+                        input_digest=header["input_digest"], created_at=time.time())
         if not self.store.put_if_absent(self._commit_key(step), commit.to_json()):
-            return self._repush(step, input_digest), {}
-        return PushResult(commit, True, summary.stream_bytes), recon
+            return self._repush(step, header["input_digest"])
+        return PushResult(commit, True, summary.stream_bytes if summary else {})
 
     def _repush(self, step: int, input_digest: str) -> PushResult:
         """A step at or before the head: a no-op if it is the same checkpoint."""

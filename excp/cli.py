@@ -23,7 +23,7 @@ import click
 from tqdm import tqdm
 
 from excp import api
-from excp.codec.params import PRESETS, preset
+from excp.codec.params import PRESETS, WEIGHT_RULES, preset
 from excp.errors import ExcpError
 
 STORE_HELP = "Store URL: a directory, file://DIR, memory:// (default: $EXCP_STORE or ./excp-store)."
@@ -93,11 +93,17 @@ def main() -> None:
               help="Named codec configuration (default: default).")
 @click.option("--mode", type=click.Choice(["excp", "lossless"]), default=None,
               help="Lossy ExCP or bit-exact.")
+@click.option("--weight-rule", type=click.Choice(list(WEIGHT_RULES)), default=None,
+              help="How weight residuals are coded: uniform (default), paper or keep (k-means).")
+@click.option("--weight-step", type=float, default=None,
+              help="Uniform rule: quantizer step as a fraction of the residual's RMS (quality knob).")
+@click.option("--keyframe-step", type=float, default=None,
+              help="Uniform rule: the same for keyframes, as a fraction of the weights' RMS.")
 @click.option("--alpha", type=float, default=None, help="Weight pruning strength (paper rule).")
 @click.option("--beta", type=float, default=None, help="Moment pruning strength.")
-@click.option("--weight-bits", type=int, default=None, help="Bits per weight-residual code.")
+@click.option("--weight-bits", type=int, default=None, help="Paper/keep rules: bits per residual code.")
 @click.option("--moment-bits", type=int, default=None, help="Bits per moment code.")
-@click.option("--keyframe-bits", type=int, default=None, help="Bits per code of a keyframe.")
+@click.option("--keyframe-bits", type=int, default=None, help="Paper/keep rules: bits per keyframe code.")
 @click.option("--keyframe-every", type=int, default=None, help="A standalone keyframe every K links.")
 @click.option("--zstd-level", type=int, default=None, help="zstd level, 1-22.")
 @with_base

@@ -3,11 +3,14 @@ seed, idempotent pushes, conflicts, bad input."""
 
 from __future__ import annotations
 
+import copy
+import io
+
 import pytest
 import torch
 
 from excp import api
-from excp.chain import Chain
+from excp.chain import Chain, encode_archive
 from excp.codec.params import PRESETS, CodecParams
 from excp.errors import ChainMismatch, Conflict, CorruptData, InvalidInput, NotFound
 from excp.store import open_store
@@ -269,3 +272,54 @@ def test_base_options_must_match_the_run(tmp_path, tiny_run) -> None:
     with pytest.raises(InvalidInput, match="created without a seed base"):
         api.push(tiny_run().advance(4), "nobase", store=store,
                  base=api.BaseSpec(0, "tests.factories:mlp"))
+
+
+def _coded_elsewhere(chain: Chain, ckpt: dict, step: int, recon: dict | None,
+                     params: CodecParams | None = None, run: str | None = None) -> io.BytesIO:
+    """An archive coded the way a training node does it: from the head's record and its
+    reconstruction only, without the store."""
+    out = io.BytesIO()
+    encode_archive(run or chain.run, params or chain.params(), chain.head(), api.to_bundle(ckpt), step,
+                   out, lambda head: recon)
+    return out
+
+
+def test_an_archive_coded_elsewhere_commits_like_a_push(tmp_path, tiny_run) -> None:
+    run, store = tiny_run(), open_store(str(tmp_path / "s"))
+    first = copy.deepcopy(run.advance(5))  # advance() hands out the live tensors
+    _, recon = api.push(first, "r", store=store)
+    chain = Chain(store, "r")
+    second = run.advance(5)
+    upload = _coded_elsewhere(chain, second, 10, recon)
+    result = chain.commit_archive(upload)
+    assert result.created and result.commit.parent == 5 and result.commit.depth == 1
+    assert result.commit.size == len(upload.getvalue())
+    assert result.commit.num_parameters == api.to_bundle(second).num_parameters()
+    pushed_elsewhere = api.load_dict(api.restore("r", 10, store=store))
+    api.push(first, "twin", store=store)
+    api.push(second, "twin", store=store)
+    pushed_here = api.load_dict(api.restore("twin", 10, store=store))
+    for name, tensor in pushed_here["model"].items():
+        assert torch.equal(pushed_elsewhere["model"][name], tensor), name
+    assert not chain.commit_archive(upload).created  # the same upload again: a no-op
+
+
+def test_uploads_that_cannot_be_committed(tmp_path, tiny_run) -> None:
+    run, store = tiny_run(), open_store(str(tmp_path / "s"))
+    _, recon = api.push(run.advance(5), "r", store=store)
+    chain = Chain(store, "r")
+    stale = _coded_elsewhere(chain, run.advance(5), 20, recon)
+    api.push(run.advance(5), "r", step=15, store=store)
+    with pytest.raises(Conflict, match="coded against step 5, but the run's head is 15"):
+        chain.commit_archive(stale)
+    with pytest.raises(InvalidInput, match="coded for run 'other'"):
+        chain.commit_archive(_coded_elsewhere(chain, run.advance(5), 20, recon, run="other"))
+    with pytest.raises(ChainMismatch, match="codec parameters differ"):
+        chain.commit_archive(_coded_elsewhere(chain, run.advance(5), 20, recon, params=PRESETS["max"]))
+    flipped = bytearray(_coded_elsewhere(chain, run.advance(5), 20, recon).getvalue())
+    flipped[len(flipped) // 3] ^= 0x40
+    before = store.list("runs/r/")
+    with pytest.raises(CorruptData):
+        chain.commit_archive(io.BytesIO(bytes(flipped)))
+    assert store.list("runs/r/") == before, "a refused upload must leave nothing behind"
+    assert [c.step for c in api.list_commits("r", store)] == [5, 15]

@@ -291,3 +291,30 @@ def test_restore_on_an_unavailable_device_is_a_clear_error(tmp_path) -> None:
             api.restore("dev", 1, store=str(tmp_path), device="cuda")
     with pytest.raises(InvalidInput, match="unknown device"):
         api.restore("dev", 1, store=str(tmp_path), device="gpu0")
+
+
+def test_codec_options_pick_the_rule_and_the_quality(cli, checkpoints) -> None:
+    first, _ = checkpoints[0]
+    ratio = {}
+    for run, options in {"fine": ["--weight-step", "0.5", "--keyframe-step", "0.02"],
+                         "coarse": ["--weight-step", "3", "--keyframe-step", "0.5"],
+                         "paper": ["--weight-rule", "paper", "--weight-bits", "4"]}.items():
+        match = PUSHED.match(_ok(cli("push", str(first), "--run", run, *options)).strip())
+        assert match, run
+        info = json.loads(_ok(cli("inspect", "--run", run, "--step", "2", "--json")))
+        weight = next(u for u in info["units"] if u["name"] == "0.weight")
+        assert ("mask" in weight["streams"]) == (run == "paper")
+        assert info["header"]["params"]["weight_rule"] == ("paper" if run == "paper" else "uniform")
+        ratio[run] = float(match.group(6))
+    assert ratio["coarse"] > ratio["fine"]
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--weight-step", "0"], "weight_step must be in"),
+    (["--keyframe-step", "-1"], "keyframe_step must be in"),
+    (["--weight-rule", "median"], "Invalid value for '--weight-rule'"),
+])
+def test_bad_codec_options_are_one_line_errors(cli, checkpoints, options, message) -> None:
+    first, _ = checkpoints[0]
+    result = cli("push", str(first), "--run", "bad", *options)
+    assert result.exit_code == 2 and message in result.output, result.output

@@ -135,11 +135,11 @@ def _encode_moments(enc: Encoded, positions: torch.Tensor, moments: dict[Role, t
 
 def _weight(base: torch.Tensor | None, positions: torch.Tensor, values: torch.Tensor, n: int,
             device: torch.device) -> torch.Tensor:
-    """Ŵ = base + values (float32): ``values`` are either dense (one per position) or
-    at ``positions``. Shared by encoder and decoder so the closed loop sees exactly
-    what restore gives."""
+    """Ŵ = base + values (float32): ``values`` are either dense (one per position, and
+    then added to in place: the output is the one fresh tensor) or at ``positions``.
+    Shared by encoder and decoder so the closed loop sees exactly what restore gives."""
     if values.numel() == n:
-        return values.clone() if base is None else base + values
+        return values if base is None else values.add_(base)
     out = torch.zeros(n, dtype=torch.float32, device=device) if base is None else base.clone()
     return out.index_add_(0, positions, values)
 
@@ -151,18 +151,15 @@ def decode_unit(enc: Encoded, parent: torch.Tensor | None, dtypes: dict[Role, to
         n *= d
     streams = enc.streams
     base = None if parent is None else parent.reshape(-1).float()
+    moment_roles = [r for r in dtypes if r is not Role.WEIGHT]
     if enc.meta.get("dense"):
         values = uniform.values(streams["wcodes"], _book(streams["wbook"]), n)
-        sent = values != 0
+        positions = flatnonzero(values != 0) if moment_roles else values.new_empty(0, dtype=torch.int64)
     else:
-        sent = unpack_mask(streams["mask"], n)
-        values = None
-    positions = flatnonzero(sent)
-    if values is None:
+        positions = flatnonzero(unpack_mask(streams["mask"], n))
         values = lookup(_book(streams["wbook"]), streams["wcodes"])
     w = _weight(base, positions, values, n, device)
     out = {Role.WEIGHT: w.to(dtypes[Role.WEIGHT]).view(shape)}
-    moment_roles = [r for r in dtypes if r is not Role.WEIGHT]
     if not moment_roles:
         return out
     kept = positions.new_empty(0)
