@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # noqa: E402 - read when torch loads
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the CLI does; read when torch loads
 
 import argparse
 import json
@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from excp import memory
 from excp.bundle import Bundle, Role, TensorEntry, moment_name
 from excp.chain import Chain
 from excp.codec.params import PRESETS
@@ -59,7 +60,11 @@ def main() -> None:
     parser.add_argument("--preset", default="default", choices=list(PRESETS))
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="leave glibc's allocator as it is (the CLI and server tune it)")
     args = parser.parse_args()
+    if not args.default_allocator:
+        memory.tune_allocator()
     parent, child = synthetic(int(args.params), int(args.tensor), seed=0)
     n = child.num_parameters()
     encode_s, decode_s = [], []

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 
-# Large tensors on transparent huge pages: halves the page-fault cost of allocating
-# restored tensors (a documented PyTorch allocator switch, read when torch loads).
+# Large tensors on transparent huge pages: fewer page faults when restored tensors are
+# allocated (a documented PyTorch allocator switch, read when torch loads).
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import json
@@ -22,7 +22,7 @@ from typing import Any
 import click
 from tqdm import tqdm
 
-from excp import api
+from excp import api, memory
 from excp.codec.params import PRESETS, WEIGHT_RULES, preset
 from excp.errors import ExcpError
 
@@ -82,6 +82,7 @@ def with_base(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.version_option(package_name="excp")
 def main() -> None:
     """excp: checkpoint compression for training runs."""
+    memory.tune_allocator()
 
 
 @main.command()
