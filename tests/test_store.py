@@ -1,5 +1,6 @@
-"""The Store contract, checked identically against every backend, plus what only the
-directory store and ``open_store`` can show."""
+"""The Store contract, checked identically against every backend (S3 on moto's server,
+with fixtures from test_s3_store.py), plus what only the directory store and
+``open_store`` can show."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import pytest
 
 from excp.errors import Conflict, InvalidInput, NotFound, StoreUnavailable
 from excp.store import LocalStore, MemoryStore, Store, open_store, validate_key
+from excp.store.s3 import S3Store
+from tests.test_s3_store import moto_endpoint, s3_bucket, s3_env  # noqa: F401 (fixtures)
 
 COMMIT = "runs/r1/commits/000000000100.json"
 LONGEST_KEY = "/".join(["a" * 255, "b" * 255, "c" * 255, "d" * 254, "e"])
@@ -65,10 +68,13 @@ class FailingStream(io.RawIOBase):
         return b"partial" * 1000
 
 
-@pytest.fixture(params=["local", "memory"])
+@pytest.fixture(params=["local", "memory", "s3"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
     if request.param == "local":
         return LocalStore(tmp_path / "store")
+    if request.param == "s3":
+        # A fresh bucket on moto's S3 server, reached over HTTP like any endpoint.
+        return S3Store(request.getfixturevalue("s3_bucket"))
     return MemoryStore()
 
 
@@ -356,15 +362,24 @@ class TestOpenStore:
         assert second is not first
         assert not second.exists("k")
 
-    def test_s3_is_refused_for_now(self) -> None:
-        with pytest.raises(InvalidInput, match="S3 stores are not available in this version"):
-            open_store("s3://bucket/prefix")
+    @pytest.mark.usefixtures("s3_env")
+    def test_s3_url_is_an_s3_store(self) -> None:
+        store = open_store("s3://bucket/prefix")
+        assert isinstance(store, S3Store)
+        assert store.url == "s3://bucket/prefix"
 
     @pytest.mark.parametrize("url", ["ftp://host/dir", "http://host/store", "file://", ""])
     def test_other_forms_are_refused_with_the_accepted_ones(self, url: str) -> None:
         with pytest.raises(InvalidInput) as caught:
             open_store(url)
         assert "file://" in caught.value.message
+
+    @pytest.mark.parametrize("url", ["ftp://host/dir", "gs://bucket/prefix", ""])
+    def test_refusals_list_every_accepted_form(self, url: str) -> None:
+        with pytest.raises(InvalidInput) as caught:
+            open_store(url)
+        for form in ("directory", "file://DIR", "memory://", "s3://BUCKET", "s3://BUCKET/PREFIX"):
+            assert form in caught.value.message
 
     def test_env_variable_is_the_default(self, tmp_path: Path, monkeypatch) -> None:
         monkeypatch.setenv("EXCP_STORE", str(tmp_path / "from-env"))

@@ -19,7 +19,7 @@ __all__ = ["LocalStore", "MemoryStore", "Store", "open_store", "validate_key"]
 
 DEFAULT_STORE = "./excp-store"
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://(.*)", re.DOTALL)
-_FORMS = "a directory path, file://DIR or memory://[NAME]"
+_FORMS = "a directory path, file://DIR, memory://[NAME], s3://BUCKET or s3://BUCKET/PREFIX"
 
 
 def open_store(url: str | None = None) -> Store:
@@ -27,8 +27,10 @@ def open_store(url: str | None = None) -> Store:
 
     ``None`` means ``$EXCP_STORE``, else ``./excp-store``. Accepted forms: a directory
     path or ``file://DIR`` (a :class:`LocalStore`; the directory is made on first
-    write), ``memory://NAME`` (the process-wide :class:`MemoryStore` of that name) and
-    ``memory://`` (a new, empty one).
+    write), ``memory://NAME`` (the process-wide :class:`MemoryStore` of that name),
+    ``memory://`` (a new, empty one) and ``s3://BUCKET[/PREFIX]`` (an
+    :class:`~excp.store.s3.S3Store`; endpoint, region and credentials come from the
+    environment, see :mod:`excp.store.s3`).
     """
     if url is None:
         url = os.environ.get("EXCP_STORE") or DEFAULT_STORE
@@ -45,5 +47,10 @@ def open_store(url: str | None = None) -> Store:
     if scheme == "memory":
         return MemoryStore.named(rest) if rest else MemoryStore()
     if scheme == "s3":
-        raise InvalidInput(f"S3 stores are not available in this version: {url!r}; use {_FORMS}")
+        from excp.store.s3 import S3Store  # boto3 takes a while to import; only S3 users pay
+
+        bucket, _, prefix = rest.partition("/")
+        if not bucket:
+            raise InvalidInput(f"store URL {url!r} names no bucket: use s3://BUCKET or s3://BUCKET/PREFIX")
+        return S3Store(bucket, prefix)
     raise InvalidInput(f"unsupported store URL {url!r}: use {_FORMS}")
