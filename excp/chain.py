@@ -326,6 +326,57 @@ class Chain:
                            "push it under a new step or a new --run")
         return PushResult(existing, False, {})
 
+    # --- delete --------------------------------------------------------------
+
+    def dependants(self, step: int) -> list[int]:
+        """The steps whose restore decodes ``step``: the links coded against it, the links
+        coded against those, and so on up to the next keyframe."""
+        through, found = {step}, []
+        for commit in self.commits():
+            if commit.parent in through:
+                through.add(commit.step)
+                found.append(commit.step)
+        return found
+
+    def delete(self, step: int) -> Commit:
+        """Delete ``step`` if no other checkpoint's restore goes through it: the head, or a
+        step whose next checkpoint is a keyframe. Any other step is refused (Conflict,
+        naming the steps that need it), so a delete never leaves a step that cannot be
+        restored.
+
+        The commit record goes first, so a crash between the two deletes leaves an
+        unreferenced archive (garbage), never a commit without its archive. Not atomic
+        against a concurrent push to the same run: callers serialize the two (the
+        server does, per run).
+        """
+        commit = self.commit(step)
+        dependants = self.dependants(step)
+        if dependants:
+            shown = ", ".join(str(s) for s in dependants[:10]) + (", ..." if len(dependants) > 10 else "")
+            raise Conflict(f"run {self.run!r}: step {step} is needed to restore steps {shown}; "
+                           "delete those first, newest first, or keep it")
+        self.store.delete(self._commit_key(step))
+        self.store.delete(commit.archive)
+        return commit
+
+    def delete_run(self) -> int:
+        """Delete the whole run; returns how many checkpoints it had.
+
+        Commit records go newest first, so an interrupted delete leaves a chain whose
+        every remaining step still restores; then the archives (and any garbage), and
+        ``run.json`` last, so the run stays listed until nothing else is left.
+        """
+        self.config()
+        commits = self.commits()
+        for commit in reversed(commits):
+            self.store.delete(self._commit_key(commit.step))
+        run_json = f"{self._prefix}/run.json"
+        for key in self.store.list(f"{self._prefix}/"):
+            if key != run_json:
+                self.store.delete(key)
+        self.store.delete(run_json)
+        return len(commits)
+
     # --- restore -------------------------------------------------------------
 
     def path_to(self, step: int) -> list[Commit]:

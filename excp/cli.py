@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import wraps
+from pathlib import Path
 from typing import Any
 
 import click
@@ -244,3 +245,41 @@ def demo(store: str | None, config: str, steps: int, every: int, preset_name: st
                f"{result.loss_uncompressed:.4f} uncompressed ({100 * result.loss_delta:+.2f}%)")
     click.echo(f"restored step {result.commits[-1].step} to {result.restored_path}")
 
+
+@main.command()
+@store_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=int, default=8080, show_default=True, help="Port to listen on.")
+@click.option("--tokens", "tokens_file", type=click.Path(dir_okay=False), default=None,
+              help="JSON tokens file (default: $EXCP_TOKENS; with neither, anonymous read/write, "
+                   "loopback hosts only).")
+@click.option("--workers", type=int, default=2, show_default=True,
+              help="Worker processes that compress raw uploads and reconstruct checkpoints.")
+@click.option("--max-body", default="8GiB", show_default=True, help="Largest upload accepted.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Restore cache and upload spool (default: $EXCP_CACHE/serve or ~/.cache/excp/serve).")
+@click.option("--cache-size", default="2GiB", show_default=True,
+              help="Bound of the on-disk cache of reconstructed checkpoints (0 disables it).")
+@click.option("--allow-factory", multiple=True,
+              help="A model factory (pkg.module:fn) runs may be created from with a seed; repeatable.")
+@_fail_cleanly
+def serve(store: str | None, host: str, port: int, tokens_file: str | None, workers: int, max_body: str,
+          cache_dir: str | None, cache_size: str, allow_factory: tuple[str, ...]) -> None:
+    """Serve the REST API (OpenAPI at /docs) over the store."""
+    import uvicorn
+
+    from excp.cache import cache_root
+    from server import ServeConfig, create_app
+    from server.auth import load_tokens
+    from server.config import parse_size
+
+    config = ServeConfig(
+        store=store, tokens=load_tokens(host, tokens_file, os.environ.get("EXCP_TOKENS")),
+        max_body=parse_size(max_body, "--max-body"),
+        cache_dir=Path(cache_dir) if cache_dir else cache_root() / "serve",
+        cache_bytes=parse_size(cache_size, "--cache-size"), workers=workers,
+        allowed_factories=allow_factory)
+    app = create_app(config)
+    click.echo(f"excp: serving {app.state.services.store.url} on http://{host}:{port} (docs at /docs)",
+               err=True)
+    uvicorn.run(app, host=host, port=port, log_level="info")

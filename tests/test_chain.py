@@ -323,3 +323,52 @@ def test_uploads_that_cannot_be_committed(tmp_path, tiny_run) -> None:
         chain.commit_archive(io.BytesIO(bytes(flipped)))
     assert store.list("runs/r/") == before, "a refused upload must leave nothing behind"
     assert [c.step for c in api.list_commits("r", store)] == [5, 15]
+
+
+def test_delete_keeps_every_remaining_step_restorable(tmp_path, tiny_run) -> None:
+    """Only a step no restore goes through may go: the head, or a step before a keyframe."""
+    run, store = tiny_run(), open_store(str(tmp_path / "s"))
+    params = CodecParams(keyframe_every=2)  # steps 5 K, 10 link, 15 K, 20 link
+    for step in (5, 10, 15, 20):
+        api.push(run.advance(5), "r", step=step, store=store, params=params)
+    chain = Chain(store, "r")
+    assert [c.keyframe for c in chain.commits()] == [True, False, True, False]
+    before = {s: api.load_dict(api.restore("r", s, store=store)) for s in (5, 15)}
+    with pytest.raises(Conflict, match="step 15 is needed to restore steps 20"):
+        chain.delete(15)
+    with pytest.raises(Conflict, match="step 5 is needed to restore steps 10"):
+        chain.delete(5)
+    assert chain.delete(20).step == 20  # the head
+    assert chain.delete(10).step == 10  # its next checkpoint (15) is a keyframe
+    with pytest.raises(NotFound):
+        chain.delete(10)
+    assert [c.step for c in chain.commits()] == [5, 15]
+    assert not any("/000000000010-" in k or "/000000000020-" in k for k in store.list("runs/r/"))
+    for step, state in before.items():
+        restored = api.load_dict(api.restore("r", step, store=store))
+        for name, tensor in state["model"].items():
+            assert torch.equal(restored["model"][name], tensor), (step, name)
+    result, _ = api.push(run.advance(5), "r", step=25, store=store)
+    assert result.commit.parent == 15
+    assert api.verify("r", store=store).checkpoints == 3
+
+
+def test_dependants_run_to_the_next_keyframe(tmp_path, tiny_run) -> None:
+    run, store = tiny_run(), open_store(str(tmp_path / "s"))
+    for step in (1, 2, 3, 4):
+        api.push(run.advance(2), "r", step=step, store=store, params=CodecParams(keyframe_every=3))
+    chain = Chain(store, "r")
+    assert chain.dependants(1) == [2, 3] and chain.dependants(3) == [] and chain.dependants(4) == []
+
+
+def test_delete_run_removes_only_that_run(tmp_path, tiny_run) -> None:
+    run, store = tiny_run(), open_store(str(tmp_path / "s"))
+    for step in (1, 2, 3):
+        api.push(run.advance(2), "gone", step=step, store=store)
+    api.push(run.advance(2), "kept", step=1, store=store)
+    assert Chain(store, "gone").delete_run() == 3
+    assert store.list("runs/gone/") == []
+    assert api.list_runs(store) == ["kept"]
+    assert [c.step for c in api.list_commits("kept", store)] == [1]
+    with pytest.raises(NotFound):
+        Chain(store, "gone").delete_run()

@@ -1,0 +1,247 @@
+"""/v1/runs/{run}/checkpoints: upload (archive or raw), list, metadata, restore, delete."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, BinaryIO
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from excp.chain import Chain, Commit, PushResult
+from excp.errors import CorruptData, InvalidInput, NotFound
+from excp.format.container import ArchiveReader
+from server import jobs
+from server.auth import Principal, Scope
+from server.context import Caller, Services, Svc, run_name, spool_body, step_number, step_or_latest
+from server.restore_cache import RestoreCache
+from server.schemas import ERRORS, CheckpointList, CheckpointMeta, CommitResult
+
+router = APIRouter(prefix="/v1/runs/{run}/checkpoints", tags=["checkpoints"], responses=ERRORS)
+
+_CHUNK = 1 << 20
+_SAFETENSORS_TYPES = {"application/safetensors", "application/x-safetensors", "application/vnd.safetensors"}
+_SUFFIX = {"torch": "pt", "safetensors": "safetensors", "tar": "tar"}
+_MEDIA = {"torch": "application/octet-stream", "safetensors": "application/octet-stream",
+          "tar": "application/x-tar"}
+_OCTETS = {"requestBody": {"content": {"application/octet-stream": {"schema": {"type": "string",
+                                                                                "format": "binary"}}}}}
+_NOOP: dict[int | str, dict[str, Any]] = {
+    200: {"model": CommitResult, "description": "This exact checkpoint was already stored"}}
+Limit = Annotated[int, Query(ge=1, le=1000)]
+
+
+def _chunks(handle: BinaryIO) -> Iterator[bytes]:
+    """A file's bytes, a megabyte at a time (Starlette iterates this on a thread)."""
+    with handle:
+        while chunk := handle.read(_CHUNK):
+            yield chunk
+
+
+def _stream(handle: BinaryIO, size: int, media: str, filename: str,
+            headers: dict[str, str]) -> StreamingResponse:
+    return StreamingResponse(_chunks(handle), media_type=media, headers={
+        "Content-Length": str(size), "Content-Disposition": f'attachment; filename="{filename}"', **headers})
+
+
+def _readable(run: str, who: Principal, svc: Services) -> Chain:
+    name = run_name(run)
+    who.require(Scope.READ, name)
+    return Chain(svc.store, name)
+
+
+async def _writable(run: str, who: Principal, svc: Services, scope: Scope = Scope.WRITE) -> Chain:
+    """The run's chain, after checking access and that the run exists (before any body
+    is read, so a mistake costs no upload)."""
+    name = run_name(run)
+    who.require(scope, name)
+    chain = Chain(svc.store, name)
+    await run_in_threadpool(chain.config)
+    return chain
+
+
+def _result(run: str, commit: Commit, created: bool, response: Response, svc: Services,
+            source: str) -> CommitResult:
+    response.status_code = 201 if created else 200
+    if created:
+        svc.metrics.ratio.labels(source).observe(commit.ratio)
+    return CommitResult(created=created, **CheckpointMeta.of(run, commit).model_dump())
+
+
+@router.get("", response_model=CheckpointList, summary="List checkpoints in step order")
+async def list_checkpoints(run: str, who: Caller, svc: Svc, limit: Limit = 100,
+                           after: Annotated[int | None, Query(ge=0)] = None) -> CheckpointList:
+    """``limit`` checkpoints with steps after ``after``."""
+    chain = _readable(run, who, svc)
+
+    def page() -> CheckpointList:
+        chain.config()
+        later = [c for c in chain.commits() if after is None or c.step > after]
+        shown = later[:limit]
+        return CheckpointList(checkpoints=[CheckpointMeta.of(chain.run, c) for c in shown],
+                              next=shown[-1].step if len(later) > limit else None)
+
+    return await run_in_threadpool(page)
+
+
+@router.get("/{step}/meta", response_model=CheckpointMeta,
+            summary="A checkpoint's commit record: parent, keyframe, sizes, ratio, checksums")
+async def checkpoint_meta(run: str, step: str, who: Caller, svc: Svc) -> CheckpointMeta:
+    """``step`` is a number or ``latest``."""
+    chain = _readable(run, who, svc)
+    wanted = step_or_latest(step)
+    commit = await run_in_threadpool(lambda: chain.commit(chain.resolve(wanted)))
+    return CheckpointMeta.of(chain.run, commit)
+
+
+def _commit_upload(chain: Chain, upload: BinaryIO, step: int) -> PushResult:
+    upload.seek(0, 2)
+    size = upload.tell()
+    header = ArchiveReader(upload, size, f"the upload for run {chain.run!r} step {step}").header
+    if header.get("step") != step:
+        raise InvalidInput(f"the archive is coded as step {header.get('step')!r}, not {step}: "
+                           "upload it under its own step")
+    return chain.commit_archive(upload)
+
+
+@router.put("/{step}/archive", status_code=201, response_model=CommitResult, openapi_extra=_OCTETS,
+            summary="Upload and commit an archive coded on a training node", responses=_NOOP)
+async def upload_archive(run: str, step: str, request: Request, response: Response, who: Caller,
+                         svc: Svc) -> CommitResult:
+    """The body is an archive made by ``excp.chain.encode_archive`` against the run's head
+    (its record is in GET /v1/runs/{run}). Upload, validation and commit are one
+    request: the body is streamed to a temporary file, every checksum is verified, the
+    archive is stored, and its commit record is written last. 201: committed; 200: the
+    same checkpoint was already there; 409: another checkpoint holds the step, or the
+    head moved (code against the new head); 422: the archive fails its checks. A
+    request that dies half-way commits nothing."""
+    number = step_number(step)
+    chain = await _writable(run, who, svc)
+    with tempfile.TemporaryFile(dir=svc.spool) as upload:
+        await spool_body(request, upload)
+        async with svc.locks(chain.run):
+            result = await run_in_threadpool(_commit_upload, chain, upload, number)
+    return _result(chain.run, result.commit, result.created, response, svc, "archive")
+
+
+def _upload_kind(kind: str | None, content_type: str | None) -> str:
+    if kind is not None:
+        if kind not in ("torch", "safetensors"):
+            raise InvalidInput(f"unknown kind {kind!r}: use kind=torch or kind=safetensors")
+        return kind
+    mime = (content_type or "").split(";")[0].strip().lower()
+    return "safetensors" if mime in _SAFETENSORS_TYPES else "torch"
+
+
+@router.post("/{step}/raw", status_code=201, response_model=CommitResult, openapi_extra=_OCTETS,
+             summary="Upload a raw checkpoint for the server to compress", responses=_NOOP)
+async def upload_raw(run: str, step: str, request: Request, response: Response, who: Caller, svc: Svc,
+                     kind: Annotated[str | None, Query(description="torch (default) or safetensors")] = None,
+                     content_type: Annotated[str | None, Header()] = None) -> CommitResult:
+    """The body is a ``torch.save`` file (a ``{model, optimizer, ...}`` dict or a state
+    dict) or a ``.safetensors`` state dict: ``?kind=`` says which, else a
+    ``Content-Type`` of ``application/x-safetensors`` means safetensors. It is compressed
+    against the head by a worker process and committed, as ``excp push`` would."""
+    number = step_number(step)
+    chosen = _upload_kind(kind, content_type)
+    chain = await _writable(run, who, svc)
+    with tempfile.TemporaryDirectory(dir=svc.spool) as tmp:
+        path = Path(tmp) / f"upload.{_SUFFIX[chosen]}"
+        with open(path, "wb") as out:
+            await spool_body(request, out)
+        async with svc.locks(chain.run):
+            record, created = await svc.workers.run(jobs.compress, chain.run, number, str(path),
+                                                    svc.config.allowed_factories)
+    return _result(chain.run, Commit(**record), created, response, svc, "raw")
+
+
+@dataclass(frozen=True)
+class _Plan:
+    step: int
+    layout: str
+    key: str
+
+
+def _plan(svc: Services, chain: Chain, step: int | str, fmt: str) -> _Plan:
+    """Resolve the step, check the format fits its layout, and name its cache entry after
+    every archive the restore decodes (read from the store now, every time)."""
+    number = chain.resolve(step)
+    path = chain.path_to(number)
+    target = path[-1]
+    label = f"run {chain.run!r} step {number}"
+    try:
+        with svc.store.open_read(target.archive) as handle:
+            layout = str(ArchiveReader(handle, target.size, label).header.get("layout"))
+    except NotFound:
+        raise CorruptData(f"{label}: archive {target.archive} is missing; restore another step") from None
+    jobs.check_format(layout, fmt)
+    digests = [c.digest for c in path]
+    key = RestoreCache.key(svc.store.url, chain.run, fmt, digests, chain.config().get("base"))
+    return _Plan(number, layout, key)
+
+
+@router.get("/{step}", summary="Restore a checkpoint", response_class=StreamingResponse,
+            responses={200: {"content": {"application/octet-stream": {}, "application/x-tar": {}},
+                             "description": "The reconstructed checkpoint"}})
+async def restore(run: str, step: str, who: Caller, svc: Svc,
+                  fmt: Annotated[str, Query(alias="format", description="torch, safetensors, tar")] = "torch",
+                  ) -> StreamingResponse:
+    """Reconstruct ``step`` (a number or ``latest``) in a worker process and stream it:
+    ``torch`` is the checkpoint as pushed, ``torch.load(weights_only=True)``-able;
+    ``safetensors`` every tensor under its bundle entry name; ``tar`` a Trainer
+    directory. Reconstructions are cached on disk (bounded), keyed by the archive
+    digests the store names now."""
+    chain = _readable(run, who, svc)
+    wanted = step_or_latest(step)
+    started = time.perf_counter()
+    plan = await run_in_threadpool(_plan, svc, chain, wanted, fmt)
+    handle = await run_in_threadpool(svc.cache.open, plan.key)
+    hit = handle is not None
+    if handle is None:
+        staged = svc.cache.staging()
+        try:
+            await svc.workers.run(jobs.restore_to, chain.run, plan.step, fmt, str(staged),
+                                  svc.config.allowed_factories)
+            handle = await run_in_threadpool(svc.cache.commit, plan.key, staged)
+        finally:
+            await run_in_threadpool(svc.cache.discard, staged)
+    svc.metrics.restore.labels(fmt, "hit" if hit else "miss").observe(time.perf_counter() - started)
+    size = os.fstat(handle.fileno()).st_size
+    return _stream(handle, size, _MEDIA[fmt], f"{chain.run}-{plan.step}.{_SUFFIX[fmt]}",
+                   {"X-Excp-Step": str(plan.step), "X-Excp-Layout": plan.layout})
+
+
+@router.get("/{step}/archive", summary="Download the stored archive", response_class=StreamingResponse,
+            responses={200: {"content": {"application/octet-stream": {}}, "description": "The archive"}})
+async def download_archive(run: str, step: str, who: Caller, svc: Svc) -> StreamingResponse:
+    """The archive bytes exactly as stored (``latest`` works); its blake2b-128 is
+    ``X-Excp-Digest``."""
+    chain = _readable(run, who, svc)
+    wanted = step_or_latest(step)
+    commit = await run_in_threadpool(lambda: chain.commit(chain.resolve(wanted)))
+    try:
+        handle = await run_in_threadpool(svc.store.open_read, commit.archive)
+    except NotFound:
+        raise CorruptData(f"run {chain.run!r} step {commit.step}: archive {commit.archive} is missing; "
+                          "restore another step") from None
+    return _stream(handle, commit.size, "application/octet-stream", f"{chain.run}-{commit.step}.excp",
+                   {"X-Excp-Step": str(commit.step), "X-Excp-Digest": commit.digest})
+
+
+@router.delete("/{step}", status_code=204, summary="Delete a checkpoint no other depends on (admin)")
+async def delete_checkpoint(run: str, step: str, who: Caller, svc: Svc) -> Response:
+    """Only a checkpoint that no other checkpoint's restore goes through may be deleted:
+    the head, or a step whose next checkpoint is a keyframe. Anything else is a 409
+    naming the steps that need it (delete those first, newest first). Nothing is ever
+    re-based, so a delete never rewrites or re-encodes another checkpoint."""
+    number = step_number(step)
+    chain = await _writable(run, who, svc, Scope.ADMIN)
+    async with svc.locks(chain.run):
+        await run_in_threadpool(chain.delete, number)
+    return Response(status_code=204)
