@@ -36,6 +36,12 @@ def validate_key(key: str) -> str:
     return key
 
 
+def is_key(name: str) -> bool:
+    """Whether ``name`` is a valid key: backends skip what they find in storage that no
+    key can name (temp files, directory markers, other tools' objects)."""
+    return _key_problem(name) is None
+
+
 def validate_prefix(prefix: str) -> str:
     """Return ``prefix`` unchanged if some valid key could start with it.
 

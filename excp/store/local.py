@@ -18,8 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from excp.errors import InvalidInput, StoreUnavailable
-from excp.store.base import RESERVED_PREFIX, Store, validate_key, validate_prefix
+from excp.errors import StoreUnavailable
+from excp.store.base import RESERVED_PREFIX, Store, is_key, validate_key, validate_prefix
 
 _CHUNK = 1 << 20
 _ABSENT = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
@@ -96,7 +96,7 @@ class LocalStore(Store):
                     dirnames[:] = [d for d in dirnames if d.startswith(tail)]
                 for name in filenames:
                     key = name if rel == "." else f"{rel}/{name}"
-                    if key.startswith(prefix) and _is_key(key):
+                    if key.startswith(prefix) and is_key(key):
                         keys.append(key)
         except OSError as err:
             raise _unavailable(start, err) from err
@@ -216,15 +216,6 @@ def _raise_unless_gone(err: OSError) -> None:
     """os.walk error hook: a directory pruned mid-walk (or never made) holds no keys."""
     if not isinstance(err, (FileNotFoundError, NotADirectoryError)):
         raise err
-
-
-def _is_key(name: str) -> bool:
-    """Skip temp files and foreign files whose names no key can have."""
-    try:
-        validate_key(name)
-    except InvalidInput:
-        return False
-    return True
 
 
 def _unavailable(path: Path, err: OSError) -> StoreUnavailable:

@@ -41,7 +41,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from excp.errors import InvalidInput, StoreUnavailable
-from excp.store.base import MAX_KEY_LENGTH, Store, validate_key, validate_prefix
+from excp.store.base import MAX_KEY_LENGTH, Store, is_key, validate_key, validate_prefix
 
 MIN_PART_SIZE = 5 << 20
 """S3 refuses multipart parts below 5 MiB (except the last)."""
@@ -194,7 +194,7 @@ class S3Store(Store):
         )
         with self._calling(f"listing {prefix!r}"):
             names = [obj["Key"] for page in pages for obj in page.get("Contents", ())]
-        return sorted(key for key in (name[len(base):] for name in names) if _is_key(key))
+        return sorted(key for key in (name[len(base):] for name in names) if is_key(key))
 
     def delete(self, key: str) -> None:
         name = self._name(key)
@@ -341,10 +341,3 @@ def _one_line(err: Exception) -> str:
     return " ".join(str(err).split())
 
 
-def _is_key(name: str) -> bool:
-    """Skip objects no key can name (``dir/`` markers, objects written by other tools)."""
-    try:
-        validate_key(name)
-    except InvalidInput:
-        return False
-    return True
