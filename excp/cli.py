@@ -222,6 +222,60 @@ def verify(run: str, store: str | None, init_seed: int | None, model_factory: st
 
 
 @main.command()
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Directory for bench.md, bench.json and the plots (made if needed).")
+@click.option("--quick", is_flag=True, help="Tiny model, 200 steps, a checkpoint every 40: about a minute.")
+@click.option("--config", type=click.Choice(["tiny", "small"]), default=None,
+              help="Workload model [default: small; tiny with --quick].")
+@click.option("--steps", type=int, default=None, help="Training steps [default: 700; 200 with --quick].")
+@click.option("--every", type=int, default=None,
+              help="A checkpoint every N steps [default: 100; 40 with --quick].")
+@click.option("--seed", type=int, default=None, help="Training seed [default: 0].")
+@click.option("--contenders", default=None,
+              help="Comma-separated subset of torch-save, zstd, byteplane, zipnn, lossless, paper, safe, "
+                   "default, max [default: all].")
+@click.option("--checkpoints", "use_checkpoints", is_flag=True,
+              help="Benchmark the checkpoint files or Hugging Face checkpoint directories given as "
+                   "arguments (or directories holding them), in the order given, instead of training "
+                   "the workload; open loop only.")
+@click.argument("paths", nargs=-1, type=click.Path())
+@_fail_cleanly
+def bench(out: str, quick: bool, config: str | None, steps: int | None, every: int | None,
+          seed: int | None, contenders: str | None, use_checkpoints: bool, paths: tuple[str, ...]) -> None:
+    """Compare checkpoint compressors: ratio, training quality, speed and memory."""
+    import time
+
+    from excp.bench import report, runner
+    from excp.errors import InvalidInput
+
+    if paths and not use_checkpoints:
+        raise InvalidInput(f"unexpected argument {paths[0]!r}: to benchmark checkpoint files, "
+                           "put --checkpoints before them")
+    if use_checkpoints:
+        if not paths:
+            raise InvalidInput("--checkpoints needs checkpoint files or directories after it")
+        given = [name for name, value in (("--quick", quick or None), ("--config", config),
+                                          ("--steps", steps), ("--every", every), ("--seed", seed))
+                 if value is not None]
+        if given:
+            raise InvalidInput(f"{given[0]} sets up the training workload, which --checkpoints skips: "
+                               "drop it")
+    keys = None if contenders is None else [k.strip() for k in contenders.split(",") if k.strip()]
+    settings = runner.Settings(out=out, quick=quick, config=config, steps=steps, every=every,
+                               seed=0 if seed is None else seed, contenders=keys, checkpoints=paths)
+    runner.check(settings)
+    target = runner.out_dir(out)
+    start = time.perf_counter()
+    results = runner.run(settings, lambda desc, total, unit: _bar(total, unit, desc))
+    written = report.write(results, target)
+    click.echo(report.table(results))
+    for line in report.target_lines(results):
+        click.echo(line)
+    click.echo(f"wrote {', '.join(p.name for p in written)} to {target}")
+    click.echo(f"total time {time.perf_counter() - start:.0f} s ({results['command']})")
+
+
+@main.command()
 @store_option
 @click.option("--config", type=click.Choice(["tiny", "small"]), default="small", show_default=True,
               help="Model size (small: ~3M parameters).")
