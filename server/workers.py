@@ -38,7 +38,9 @@ class Workers:
         if self.in_process:
             return ThreadPoolExecutor(self._count, thread_name_prefix="excp-worker")
         return ProcessPoolExecutor(self._count, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=jobs.init_worker, initargs=(self._push_cache, os.getpid()))
+                                   initializer=jobs.init_worker,
+                                   initargs=(self._push_cache, os.getpid(),
+                                             max(1, (os.cpu_count() or 1) // self._count)))
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(store, *args)`` on a worker; a worker that died is replaced, and the

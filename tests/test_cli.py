@@ -318,3 +318,14 @@ def test_bad_codec_options_are_one_line_errors(cli, checkpoints, options, messag
     first, _ = checkpoints[0]
     result = cli("push", str(first), "--run", "bad", *options)
     assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_two_restores_of_a_step_are_the_same_bytes(cli, checkpoints, tmp_path) -> None:
+    """torch.save names a zip's inner folder after the file it writes; restores go
+    through randomly named staging files, so this holds only if excp saves through an
+    open file."""
+    for path, _ in checkpoints:
+        _ok(cli("push", str(path), "--run", "same"))
+    _ok(cli("restore", "--run", "same", "--step", "4", "-o", str(tmp_path / "a.pt")))
+    _ok(cli("restore", "--run", "same", "--step", "4", "-o", str(tmp_path / "other-name.pt")))
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "other-name.pt").read_bytes()

@@ -1,94 +1,25 @@
 """What only the S3 store can show, against moto's S3 server over real HTTP. The
 contract itself is checked by ``TestStoreContract`` in test_store.py, whose ``store``
-fixture uses the fixtures defined here."""
+fixture uses the fixtures imported here (defined in s3_fixtures.py)."""
 
 from __future__ import annotations
 
 import io
 import random
 import socket
-import threading
 import time
-import urllib.request
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 from botocore.exceptions import ClientError
-from moto.s3.responses import S3Response
-from moto.server import ThreadedMotoServer
 
 from excp.errors import InvalidInput, StoreUnavailable
 from excp.store import open_store
 from excp.store.s3 import MIN_PART_SIZE, S3Store
+from tests.s3_fixtures import REGION, admin, moto_api, moto_endpoint, s3_bucket, s3_env
 
-REGION = "us-east-1"
-
-
-@pytest.fixture(scope="session")
-def moto_endpoint() -> Iterator[str]:
-    """One moto S3 server on a free local port for the whole session.
-
-    moto checks ``If-None-Match: *`` and then writes without a lock, so two racing
-    conditional PUTs can both succeed (seen with a short thread switch interval).
-    Real S3 decides them atomically; the lock makes moto do the same, so the race tests
-    check our use of the condition rather than moto's timing.
-    """
-    lock = threading.Lock()
-    unlocked = S3Response.put_object
-
-    def put_object_atomically(self: S3Response) -> object:
-        with lock:
-            return unlocked(self)
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(S3Response, "put_object", put_object_atomically)
-        server.start()
-        host, port = server.get_host_and_port()
-        try:
-            yield f"http://{host}:{port}"
-        finally:
-            server.stop()
-
-
-@pytest.fixture
-def s3_env(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[str]:
-    """Point the standard AWS settings at moto for one test, away from any real account,
-    and empty moto afterwards so big test objects do not pile up."""
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_ENDPOINT_URL_S3",
-                 "EXCP_S3_ENDPOINT_URL", "EXCP_S3_REGION"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
-    yield moto_endpoint
-    moto_api(moto_endpoint, "reset")
-
-
-@pytest.fixture
-def s3_bucket(s3_env: str) -> str:
-    """A new, empty bucket, so every test starts from nothing."""
-    bucket = f"excp-test-{uuid.uuid4().hex[:16]}"
-    admin(s3_env).create_bucket(Bucket=bucket)
-    return bucket
-
-
-def admin(endpoint: str) -> Any:
-    """A plain boto3 client, to look at the bucket behind the store's back."""
-    return boto3.client("s3", endpoint_url=endpoint, region_name=REGION)
-
-
-def moto_api(endpoint: str, action: str, data: bytes = b"") -> None:
-    request = urllib.request.Request(f"{endpoint}/moto-api/{action}", data=data, method="POST",
-                                     headers={"Content-Type": "text/plain"})
-    urllib.request.urlopen(request).close()
+__all__ = ["moto_endpoint", "s3_bucket", "s3_env"]  # the fixtures, for this module and test_store.py
 
 
 def closed_port() -> int:

@@ -45,6 +45,14 @@ def load_torch(path: Path) -> Any:
         raise not_a_checkpoint(path, f"torch cannot load it safely ({first_line(exc)})") from exc
 
 
+def save_torch(obj: Any, path: Path) -> None:
+    """``torch.save`` through an open file: given a path, torch names the zip's inner
+    folder after the file, and excp writes to a randomly named staging file, so two
+    restores of one checkpoint would differ in bytes (not in tensors)."""
+    with open(path, "wb") as handle:
+        torch.save(obj, handle)
+
+
 def load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
     """The tensors of a safetensors file and its header metadata (kept for writing back)."""
     try:

@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from excp.adapters import assemble
-from excp.adapters.files import load_safetensors, load_torch, not_a_checkpoint, staged_dir
+from excp.adapters.files import load_safetensors, load_torch, not_a_checkpoint, save_torch, staged_dir
 from excp.adapters.state_dict import save_safetensors
 from excp.bundle import Bundle
 from excp.errors import CorruptData
@@ -96,9 +96,9 @@ def save(bundle: Bundle, out: Path) -> Path:
             if name.endswith(".safetensors"):
                 save_safetensors(state, _inside(tmp, name), metadata.get(name) or {})
             else:
-                torch.save(state, _inside(tmp, name))
+                save_torch(state, _inside(tmp, name))
         if "optimizer" in obj:
-            torch.save(obj["optimizer"], tmp / OPTIMIZER_FILE)
+            save_torch(obj["optimizer"], tmp / OPTIMIZER_FILE)
         for key, data in bundle.extras.items():
             if key.startswith(FILE_PREFIX):
                 _inside(tmp, key[len(FILE_PREFIX) :]).write_bytes(data)

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from excp.adapters import assemble
-from excp.adapters.files import load_safetensors, not_a_checkpoint, staged_file
+from excp.adapters.files import load_safetensors, not_a_checkpoint, save_torch, staged_file
 from excp.bundle import Bundle
 
 LAYOUT = "state_dict"
@@ -53,7 +53,7 @@ def save(bundle: Bundle, out: Path) -> Path:
     metadata = bundle.extras.get(SAFETENSORS_METADATA)
     with staged_file(out) as tmp:
         if metadata is None:
-            torch.save(state, tmp)
+            save_torch(state, tmp)
         else:
             save_safetensors(state, tmp, json.loads(metadata))
     return out

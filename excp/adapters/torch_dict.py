@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from excp.adapters import assemble
-from excp.adapters.files import staged_file
+from excp.adapters.files import save_torch, staged_file
 from excp.adapters.skeleton import Path as ObjectPath
 from excp.bundle import Bundle
 from excp.errors import InvalidInput
@@ -82,7 +82,7 @@ def save(bundle: Bundle, out: Path) -> Path:
     """Write the checkpoint dict with ``torch.save``, tensors on the CPU so it loads anywhere."""
     obj = assemble.from_bundle(bundle, LAYOUT, convert=lambda t: t.cpu())
     with staged_file(out) as tmp:
-        torch.save(obj, tmp)
+        save_torch(obj, tmp)
     return out
 
 
