@@ -36,16 +36,15 @@ import numpy as np
 import torch
 import zstandard
 
-from excp.bundle import Bundle, Role, TensorEntry
+from excp.bundle import FLOAT_DTYPES, Bundle, Role, TensorEntry
 from excp.chain import Chain
 from excp.codec.pack import from_planes, to_planes
 from excp.codec.params import PRESETS, CodecParams
-from excp.codec.pipeline import Reconstruction
+from excp.codec.pipeline import Reconstruction, describe
 from excp.errors import InvalidInput
 from excp.store import MemoryStore
 
 ZSTD_LEVEL = 3
-PLANE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 ZIPNN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -114,18 +113,13 @@ class _Standalone(ChainCoder):
 
 
 def _dtype(name: str) -> torch.dtype:
-    """``torch.float32`` from ``"torch.float32"``."""
-    return getattr(torch, name.removeprefix("torch."))
+    """``torch.float32`` from ``"float32"`` (any torch dtype, not only those excp codes)."""
+    return getattr(torch, name)
 
 
 def _raw_bytes(t: torch.Tensor) -> np.ndarray:
     """The tensor's bytes (a view when it is contiguous)."""
     return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-
-
-def _entry_meta(entry: TensorEntry) -> dict:
-    return {"name": entry.name, "role": entry.role.value, "param": entry.param,
-            "dtype": str(entry.tensor.dtype), "shape": list(entry.tensor.shape)}
 
 
 def _entry(meta: dict, tensor: torch.Tensor) -> TensorEntry:
@@ -142,7 +136,7 @@ class TorchSave(Contender):
         buffer = io.BytesIO()
         torch.save({
             "meta": {"layout": bundle.layout, "step": bundle.step,
-                     "tensors": [_entry_meta(e) for e in bundle.tensors.values()]},
+                     "tensors": [describe(e) for e in bundle.tensors.values()]},
             "tensors": {e.name: e.tensor for e in bundle.tensors.values()},
             "extras": {k: torch.frombuffer(bytearray(v), dtype=torch.uint8) if v else
                        torch.empty(0, dtype=torch.uint8) for k, v in bundle.extras.items()},
@@ -198,7 +192,7 @@ class _PerTensor(Contender):
     :meth:`code_float`, everything else (integer tensors, extras) as zstd-3 of its bytes."""
 
     lossless = True
-    float_dtypes: tuple[torch.dtype, ...] = PLANE_DTYPES
+    float_dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
 
     def __init__(self) -> None:
         self._compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
@@ -221,7 +215,7 @@ class _PerTensor(Contender):
             t = entry.tensor
             coded = (self.code_float(t) if self._coded_as_float(t.dtype, t.numel())
                      else [self._compressor.compress(_raw_bytes(t))])
-            tensors.append({**_entry_meta(entry), "frames": len(coded)})
+            tensors.append({**describe(entry), "frames": len(coded)})
             frames.extend(coded)
         frames.extend(self._compressor.compress(data) for data in bundle.extras.values())
         table = json.dumps({"layout": bundle.layout, "step": bundle.step, "tensors": tensors,

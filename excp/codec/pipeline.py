@@ -31,7 +31,8 @@ DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.int16, torch.int32, torch.int64, torch.bool, torch.complex64, torch.complex128)}
 
 
-def _describe(entry: TensorEntry) -> dict[str, Any]:
+def describe(entry: TensorEntry) -> dict[str, Any]:
+    """An entry of the archive's tensor table (FORMAT.md); ``DTYPES`` reads its dtype back."""
     return {"name": entry.name, "role": entry.role.value, "param": entry.param,
             "dtype": str(entry.tensor.dtype).removeprefix("torch."),
             "shape": list(entry.tensor.shape)}
@@ -85,7 +86,7 @@ def encode_bundle(bundle: Bundle, writer: ArchiveWriter, params: CodecParams,
         for entry in bundle.tensors.values():
             if entry.role is Role.OTHER:
                 enc = lossless.encode(entry.tensor, None)
-                out.add_unit(entry.name, "planes", [_describe(entry)], enc.meta, enc.streams)
+                out.add_unit(entry.name, "planes", [describe(entry)], enc.meta, enc.streams)
     finally:
         out.drain()
     for name, data in bundle.extras.items():
@@ -108,14 +109,14 @@ def _encode_weight(bundle: Bundle, weight: TensorEntry, out: _Background, params
             prev_t = None if parent is None else parent.get(entry.name)
             check_parent(entry, prev_t, label)
             enc = lossless.encode(entry.tensor, prev_t)
-            out.add_unit(entry.name, "planes", [_describe(entry)], enc.meta, enc.streams)
+            out.add_unit(entry.name, "planes", [describe(entry)], enc.meta, enc.streams)
             recon[entry.name] = entry.tensor
         return recon
     check_parent(weight, prev, label)
     enc, restored = lossy.encode_unit(
         weight.name, weight.tensor, None if keyframe else prev,
         {role: e.tensor for role, e in moments.items()}, params, keyframe)
-    out.add_unit(weight.name, "excp", [_describe(weight)] + [_describe(e) for e in moments.values()],
+    out.add_unit(weight.name, "excp", [describe(weight)] + [describe(e) for e in moments.values()],
                  enc.meta, enc.streams)
     return {weight.name: restored}
 
