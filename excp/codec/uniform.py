@@ -57,7 +57,10 @@ def quantize(x: torch.Tensor, step_fraction: float) -> Uniform:
     n = x.numel()
     sample = strided_sample(x)
     rms = math.sqrt(float(np.mean(sample * sample))) if sample.size else 0.0
-    peak = float(x.abs().max()) if n else 0.0
+    peak = 0.0
+    if n:  # max |x| in one pass without an |x| copy of the tensor
+        low, high = torch.aminmax(x)
+        peak = max(-float(low), float(high))
     step = max(step_fraction * rms, peak / MAX_LEVEL)
     if step == 0.0:
         return Uniform(torch.empty(0, dtype=torch.uint8, device=x.device),
