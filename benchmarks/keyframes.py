@@ -18,6 +18,7 @@ import time
 import torch
 
 from excp import api
+from excp.chain import Head
 from excp.codec.params import PRESETS
 from excp.store import MemoryStore
 from excp.workload import run_chain
@@ -39,9 +40,10 @@ def main() -> None:
     for interval in args.intervals:
         store = MemoryStore()
         params = PRESETS[args.preset].replace(keyframe_every=interval)
-        recon = None
+        head = None
         for ckpt in checkpoints:
-            _, recon = api.push(ckpt, "k", store=store, params=params, parent_recon=recon)
+            result, recon = api.push(ckpt, "k", store=store, params=params, parent=head)
+            head = Head(result.commit, recon)
         commits = api.list_commits("k", store)
         start = time.perf_counter()
         api.restore("k", "latest", store=store)

@@ -18,6 +18,7 @@ import time
 import torch
 
 from excp import api
+from excp.chain import Head
 from excp.codec.params import PRESETS, CodecParams
 from excp.store import MemoryStore
 from excp.workload.train import run_chain
@@ -30,8 +31,8 @@ def closed_loop(params: CodecParams | None, args: argparse.Namespace) -> dict:
     def on_checkpoint(step: int, ckpt: dict) -> dict | None:
         if params is None:
             return None
-        result, state["recon"] = api.push(ckpt, "q", store=store, params=params,
-                                          parent_recon=state["recon"])
+        result, recon = api.push(ckpt, "q", store=store, params=params, parent=state["recon"])
+        state["recon"] = Head(result.commit, recon)
         state.setdefault("links", []).append(8 * result.commit.size / result.commit.num_parameters)
         state["raw"] += result.commit.raw_bytes
         state["stored"] += result.commit.size

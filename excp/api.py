@@ -18,7 +18,7 @@ import torch
 from excp.adapters import load_checkpoint, save_checkpoint, state_dict, torch_dict
 from excp.bundle import FLOAT_DTYPES, Bundle
 from excp.cache import ReconCache
-from excp.chain import Base, Chain, Commit, PushResult, recon_digest
+from excp.chain import Base, Chain, Commit, Head, PushResult, recon_digest
 from excp.codec.params import CodecParams
 from excp.codec.pipeline import Reconstruction
 from excp.errors import InvalidInput
@@ -91,26 +91,33 @@ def _ensure_run(chain: Chain, params: CodecParams | None, base: BaseSpec | None,
         record = Base(base.seed, base.factory, recon_digest(recon)) if base and recon is not None else None
         chain.create(params or CodecParams(), record)
         return
-    if params is not None and params != chain.params():
+    check_options(chain.run, chain.params(), chain.base(), params, base)
+
+
+def check_options(run: str, stored_params: CodecParams, stored_base: Base | None,
+                  params: CodecParams | None, base: BaseSpec | None) -> None:
+    """A later push's options (None: whatever the run has) against the run's own."""
+    if params is not None and params != stored_params:
         raise InvalidInput(
-            f"run {chain.run!r} was created with different codec options "
-            f"({chain.params().to_dict()}); drop the options or push to a new --run")
-    stored = chain.base()
-    if base is not None and (stored is None or (stored.seed, stored.factory) != (base.seed, base.factory)):
-        created = "without a seed base" if stored is None else \
-            f"from --init-seed {stored.seed} --model-factory {stored.factory}"
-        raise InvalidInput(f"run {chain.run!r} was created {created}: push with the same base "
+            f"run {run!r} was created with different codec options "
+            f"({stored_params.to_dict()}); drop the options or push to a new --run")
+    if base is not None and (stored_base is None or (stored_base.seed, stored_base.factory)
+                             != (base.seed, base.factory)):
+        created = "without a seed base" if stored_base is None else \
+            f"from --init-seed {stored_base.seed} --model-factory {stored_base.factory}"
+        raise InvalidInput(f"run {run!r} was created {created}: push with the same base "
                            "options or to a new --run")
 
 
 def push(checkpoint: str | Path | Bundle | dict, run: str, *, step: int | None = None,
          store: str | Store | None = None, params: CodecParams | None = None,
-         base: BaseSpec | None = None, parent_recon: Reconstruction | None = None,
+         base: BaseSpec | None = None, parent: Head | None = None,
          progress: Progress = None) -> tuple[PushResult, Reconstruction]:
     """Compress ``checkpoint`` as step ``step`` of ``run`` and commit it.
 
-    ``parent_recon`` is the head's reconstruction if the caller kept it (the hook
-    does); otherwise it comes from the local cache or by decoding the chain. The base
+    ``parent`` is the last step this caller pushed and its reconstruction (the hook
+    keeps it); it is used only while that step is still the run's head. Otherwise the
+    head's reconstruction comes from the local cache or by decoding the chain. The base
     model is only rebuilt when it is needed: creating the run, coding the first link,
     or decoding a chain that starts from it. Returns the result and this step's
     reconstruction.
@@ -132,8 +139,8 @@ def push(checkpoint: str | Path | Bundle | dict, run: str, *, step: int | None =
     cache = ReconCache(st.url, run)
 
     def parent_of(head: Commit) -> Reconstruction:
-        if parent_recon is not None:
-            return parent_recon
+        if parent is not None and parent.commit.digest == head.digest:
+            return parent.recon
         cached = cache.get(head.step, head.digest)
         if cached is not None:
             return cached

@@ -26,7 +26,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import torch
 
@@ -109,9 +109,27 @@ class PushResult:
     stream_bytes: dict[str, int]
 
 
+class Head(NamedTuple):
+    """A committed step and its reconstruction, as a pusher keeps them between pushes
+    (the reconstruction is only used while ``commit`` is still the run's head)."""
+
+    commit: Commit
+    recon: Reconstruction
+
+
 def raw_size(bundle: Bundle) -> int:
     """What the ratio is measured against: every weight and moment as float32."""
     return sum(4 * e.tensor.numel() for e in bundle.tensors.values() if e.role is not Role.OTHER)
+
+
+def archive_digest(handle: BinaryIO) -> str:
+    """The blake2b-128 an archive is named by (what ``ArchiveWriter`` computes while
+    writing), of a file read from its start."""
+    handle.seek(0)
+    hasher = hashlib.blake2b(digest_size=16)
+    while chunk := handle.read(1 << 20):
+        hasher.update(chunk)
+    return hasher.hexdigest()
 
 
 def recon_digest(recon: Reconstruction) -> str:
@@ -245,6 +263,7 @@ class Chain:
         if step == "latest":
             head = self.head()
             if head is None:
+                self.config()  # a run that does not exist says so
                 raise NotFound(f"run {self.run!r} has no checkpoints yet")
             return head.step
         try:
@@ -298,8 +317,7 @@ class Chain:
             raise Conflict(f"{label}: the archive was coded against step {header['parent']}, but the "
                            f"run's head is {None if head is None else head.step}; code it against the head")
         if summary is None:
-            archive.seek(0)
-            digest = hashlib.file_digest(archive, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+            digest = archive_digest(archive)
         else:
             digest = summary.digest
         key = f"{self._prefix}/archives/{step:012d}-{digest}.excp"
@@ -313,6 +331,16 @@ class Chain:
         if not self.store.put_if_absent(self._commit_key(step), commit.to_json()):
             return self._repush(step, header["input_digest"])
         return PushResult(commit, True, summary.stream_bytes if summary else {})
+
+    def adopt(self, commit: Commit, archive: BinaryIO | None = None) -> None:
+        """Store a commit record exactly as another store holds it, with its archive if
+        given (first): how a client mirrors the part of a run it needs from a service."""
+        if not commit.archive.startswith(f"{self._prefix}/archives/"):
+            raise CorruptData(f"run {self.run!r} step {commit.step}: archive key {commit.archive!r} "
+                              "is outside the run")
+        if archive is not None:
+            self.store.put(commit.archive, archive)
+        self.store.put_if_absent(self._commit_key(validate_step(commit.step)), commit.to_json())
 
     def _repush(self, step: int, input_digest: str) -> PushResult:
         """A step at or before the head: a no-op if it is the same checkpoint."""

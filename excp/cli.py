@@ -1,7 +1,8 @@
 """The ``excp`` command: parse, call :mod:`excp.api`, print, map errors to exit codes.
 
 Exit codes: 0 ok; 1 unexpected error; 2 invalid input; 3 not found; 4 conflict;
-5 corrupt data; 6 unsupported format version; 7 store unavailable.
+5 corrupt data; 6 unsupported format version; 7 store or service unavailable;
+8 the service refused the token.
 """
 
 from __future__ import annotations
@@ -24,10 +25,15 @@ import click
 from tqdm import tqdm
 
 from excp import api, memory
+from excp.client.http import is_service_url
+from excp.client.target import Target, open_target
 from excp.codec.params import PRESETS, WEIGHT_RULES, preset
-from excp.errors import ExcpError
+from excp.errors import ExcpError, InvalidInput
 
-STORE_HELP = "Store URL: a directory, file://DIR, memory:// (default: $EXCP_STORE or ./excp-store)."
+STORE_HELP = ("Store URL: a directory, file://DIR, s3://BUCKET/PREFIX, memory://, or a service as "
+              "excp://HOST:PORT (default: $EXCP_STORE or ./excp-store).")
+SERVER_HELP = ("An excp service, excp://HOST:PORT or http(s)://HOST[:PORT] (default: $EXCP_SERVER); "
+               "its token comes from $EXCP_TOKEN. Archives are coded and decoded here.")
 
 
 def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -64,6 +70,28 @@ def _human(n: float) -> str:
 
 
 store_option = click.option("--store", default=None, envvar="EXCP_STORE", help=STORE_HELP)
+server_option = click.option("--server", default=None, envvar="EXCP_SERVER", help=SERVER_HELP)
+
+
+def where(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--store`` and ``--server``, turned into one ``target`` argument."""
+    @wraps(fn)
+    def wrapper(*args: Any, store: str | None, server: str | None, **kwargs: Any) -> Any:
+        with _target(store, server) as target:
+            return fn(*args, target=target, **kwargs)
+    return store_option(server_option(_fail_cleanly(wrapper)))
+
+
+def _target(store: str | None, server: str | None) -> Target:
+    if server is None:
+        return open_target(store)
+    source = click.get_current_context().get_parameter_source("store")
+    if store is not None and source is click.core.ParameterSource.COMMANDLINE:
+        raise InvalidInput("--store and --server name two different places: give one of them")
+    if not is_service_url(server):
+        raise InvalidInput(f"--server {server!r} is not a service URL: use excp://HOST:PORT or "
+                           "http(s)://HOST:PORT (a store path goes to --store)")
+    return open_target(server)
 run_option = click.option("--run", "run", required=True, help="Run name.")
 base_options = [
     click.option("--init-seed", type=int, default=None,
@@ -90,7 +118,7 @@ def main() -> None:
 @click.argument("path", type=click.Path(exists=True))
 @run_option
 @click.option("--step", type=int, default=None, help="Step number (default: read from the checkpoint).")
-@store_option
+@where
 @click.option("--preset", "preset_name", type=click.Choice(list(PRESETS)), default=None,
               help="Named codec configuration (default: default).")
 @click.option("--mode", type=click.Choice(["excp", "lossless"]), default=None,
@@ -110,7 +138,7 @@ def main() -> None:
 @click.option("--zstd-level", type=int, default=None, help="zstd level, 1-22.")
 @with_base
 @_fail_cleanly
-def push(path: str, run: str, step: int | None, store: str | None, preset_name: str | None,
+def push(path: str, run: str, step: int | None, target: Target, preset_name: str | None,
          init_seed: int | None, model_factory: str | None, **options: Any) -> None:
     """Compress the checkpoint at PATH and commit it as a step of RUN."""
     params = None
@@ -118,8 +146,8 @@ def push(path: str, run: str, step: int | None, store: str | None, preset_name: 
         params = preset(preset_name or "default").replace(**options)
     bundle = api.to_bundle(path)
     with _bar(bundle.num_parameters(), "param", "compress") as progress:
-        result, _ = api.push(bundle, run, step=step, store=store, params=params,
-                             base=_base(init_seed, model_factory), progress=progress)
+        result, _ = target.push(bundle, run, step=step, params=params,
+                                base=_base(init_seed, model_factory), progress=progress)
     c = result.commit
     state = "committed" if result.created else "already stored (no-op)"
     kind = "keyframe" if c.keyframe else f"link {c.depth}"
@@ -131,30 +159,30 @@ def push(path: str, run: str, step: int | None, store: str | None, preset_name: 
 @run_option
 @click.option("--step", default="latest", show_default=True, help="Step number or 'latest'.")
 @click.option("-o", "--out", required=True, type=click.Path(), help="Where to write the checkpoint.")
-@store_option
+@where
 @click.option("--device", default="cpu", show_default=True, help="Device to decode on.")
 @with_base
 @_fail_cleanly
-def restore(run: str, step: str, out: str, store: str | None, device: str,
+def restore(run: str, step: str, out: str, target: Target, device: str,
             init_seed: int | None, model_factory: str | None) -> None:
     """Reconstruct a step of RUN and write it in the layout it was pushed in."""
     with _bar(0, "link", "restore") as progress:
-        bundle = api.restore(run, step, out, store=store, device=device,
-                             base=_base(init_seed, model_factory), progress=progress)
+        bundle = target.restore(run, step, out, device=device, base=_base(init_seed, model_factory),
+                                progress=progress)
     click.echo(f"restored run {run} step {bundle.step} to {out}")
 
 
 @main.command(name="ls")
 @click.option("--run", default=None, help="List this run's checkpoints instead of the runs.")
-@store_option
+@where
 @_fail_cleanly
-def ls(run: str | None, store: str | None) -> None:
+def ls(run: str | None, target: Target) -> None:
     """List runs, or a run's checkpoints with sizes, ratios and keyframes."""
     if run is None:
-        for name in api.list_runs(store):
+        for name in target.runs():
             click.echo(name)
         return
-    commits = api.list_commits(run, store)
+    commits = target.commits(run)
     click.echo(f"{'step':>12}  {'kind':<9} {'parent':>8} {'raw':>10} {'stored':>10} {'ratio':>8}")
     for c in commits:
         kind = "keyframe" if c.keyframe else "link"
@@ -167,13 +195,15 @@ def ls(run: str | None, store: str | None) -> None:
 @click.argument("archive", required=False, type=click.Path())
 @click.option("--run", default=None, help="Inspect a stored checkpoint of this run.")
 @click.option("--step", default=None, help="Step number or 'latest' (with --run).")
-@store_option
+@where
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
 @_fail_cleanly
-def inspect(archive: str | None, run: str | None, step: str | None, store: str | None,
-            as_json: bool) -> None:
+def inspect(archive: str | None, run: str | None, step: str | None, target: Target, as_json: bool) -> None:
     """Show an archive's codec parameters, tensor table and checksums."""
-    info = api.inspect_archive(archive, run=run, step=step, store=store)
+    if archive is not None or run is None:
+        info = api.inspect_archive(archive, run=run, step=step)
+    else:
+        info = target.inspect(run, step if step is not None else "latest")
     if as_json:
         click.echo(json.dumps(info, indent=1))
         return
@@ -195,29 +225,27 @@ def inspect(archive: str | None, run: str | None, step: str | None, store: str |
 @main.command()
 @run_option
 @click.option("-o", "--out", required=True, type=click.Path(), help="Empty directory to write into.")
-@store_option
+@where
 @with_base
 @_fail_cleanly
-def rebuild(run: str, out: str, store: str | None, init_seed: int | None,
-            model_factory: str | None) -> None:
+def rebuild(run: str, out: str, target: Target, init_seed: int | None, model_factory: str | None) -> None:
     """Write every checkpoint of RUN, in step order."""
-    total = len(api.list_commits(run, store))
+    total = len(target.commits(run))
     with _bar(total, "ckpt", "rebuild") as progress:
-        paths = api.rebuild(run, out, store=store, base=_base(init_seed, model_factory),
-                            progress=progress)
+        paths = target.rebuild(run, out, base=_base(init_seed, model_factory), progress=progress)
     click.echo(f"wrote {len(paths)} checkpoints to {out}")
 
 
 @main.command()
 @run_option
-@store_option
+@where
 @with_base
 @_fail_cleanly
-def verify(run: str, store: str | None, init_seed: int | None, model_factory: str | None) -> None:
+def verify(run: str, target: Target, init_seed: int | None, model_factory: str | None) -> None:
     """Check every checksum of RUN and that every link decodes."""
-    total = len(api.list_commits(run, store))
+    total = len(target.commits(run))
     with _bar(total, "ckpt", "verify") as progress:
-        report = api.verify(run, store=store, base=_base(init_seed, model_factory), progress=progress)
+        report = target.verify(run, base=_base(init_seed, model_factory), progress=progress)
     click.echo(f"ok: {report.checkpoints} checkpoints, {_human(report.bytes_checked)} verified")
 
 

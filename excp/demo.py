@@ -20,9 +20,8 @@ from pathlib import Path
 import torch
 
 from excp import api
-from excp.chain import Commit
+from excp.chain import Commit, Head
 from excp.codec.params import CodecParams
-from excp.codec.pipeline import Reconstruction
 from excp.store import Store
 from excp.workload import run_chain
 
@@ -50,12 +49,12 @@ def run_demo(store: Store, *, config: str = "small", steps: int = 300, every: in
              report: Callable[[str], None] = print) -> DemoResult:
     run = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     commits: list[Commit] = []
-    recon: dict[str, Reconstruction | None] = {"last": None}
+    head: dict[str, Head | None] = {"last": None}
 
     def on_checkpoint(step: int, state: dict) -> dict:
-        result, recon["last"] = api.push(state, run, store=store, params=params,
-                                         parent_recon=recon["last"])
+        result, recon = api.push(state, run, store=store, params=params, parent=head["last"])
         c = result.commit
+        head["last"] = Head(c, recon)
         commits.append(c)
         report(f"  step {step:>5}: {'keyframe' if c.keyframe else 'link    '} "
                f"{c.raw_bytes / 1e6:7.2f} MB -> {c.size / 1e6:6.3f} MB  ({c.ratio:5.1f}x)")

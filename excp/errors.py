@@ -72,3 +72,50 @@ class StoreUnavailable(ExcpError):
     code = "store_unavailable"
     http_status = 503
     exit_code = 7
+
+
+class Unauthorized(ExcpError):
+    """No credentials, or credentials that match no token (service)."""
+
+    code = "unauthorized"
+    http_status = 401
+    exit_code = 8
+
+
+class Forbidden(ExcpError):
+    """A valid token whose scopes or run-name prefixes do not cover the request (service)."""
+
+    code = "forbidden"
+    http_status = 403
+    exit_code = 8
+
+
+class TooLarge(ExcpError):
+    """A request body over the service's configured limit."""
+
+    code = "too_large"
+    http_status = 413
+    exit_code = 2
+
+
+class WorkerFailed(StoreUnavailable):
+    """A service's compression/restore worker process died (killed, out of memory): retry."""
+
+    code = "worker_failed"
+
+
+class ServiceUnavailable(StoreUnavailable):
+    """The service cannot be reached, or kept failing after retries."""
+
+    code = "service_unavailable"
+
+
+def error_for_code(code: str) -> type[ExcpError]:
+    """The class of a stable error code, as a client reads it from the service."""
+    stack: list[type[ExcpError]] = [ExcpError]
+    while stack:
+        cls = stack.pop()
+        if cls.code == code:
+            return cls
+        stack.extend(cls.__subclasses__())
+    return ExcpError

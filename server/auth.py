@@ -27,8 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from excp.errors import InvalidInput
-from server.errors import Forbidden, Unauthorized
+from excp.errors import Forbidden, InvalidInput, Unauthorized
 
 MIN_TOKEN_LENGTH = 16
 _PREFIX = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9._-]{0,127})?")

@@ -15,11 +15,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from excp.chain import MAX_STEP, validate_run
-from excp.errors import InvalidInput
+from excp.errors import InvalidInput, Unauthorized
 from excp.store import Store
 from server.auth import Principal, TokenTable
 from server.config import ServeConfig
-from server.errors import Unauthorized
 from server.metrics import Metrics
 from server.restore_cache import RestoreCache
 from server.workers import Workers

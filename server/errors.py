@@ -1,10 +1,10 @@
 """Every failure a client sees is ``{"error": {"code", "message"}}`` with a stable code.
 
-excp's own errors (:mod:`excp.errors`) already carry a code and an HTTP status; the
-few that only exist over HTTP (401, 403, 413) are added here as subclasses of the same
-hierarchy, so one handler answers for all of them. Anything unexpected is answered as a
-bare 500; Starlette re-raises it after answering, so the server (uvicorn) logs the
-traceback and a client never sees it.
+excp's own errors (:mod:`excp.errors`) carry a code and an HTTP status, including the
+few that only exist over HTTP (401, 403, 413): they live there too, so that the client
+maps a code back to the same class. One handler answers for all of them. Anything
+unexpected is answered as a bare 500; Starlette re-raises it after answering, so the
+server (uvicorn) logs the traceback and a client never sees it.
 """
 
 from __future__ import annotations
@@ -19,34 +19,6 @@ from starlette.exceptions import HTTPException
 from excp.errors import ExcpError
 
 log = logging.getLogger("excp.server")
-
-
-class Unauthorized(ExcpError):
-    """No credentials, or credentials that match no token."""
-
-    code = "unauthorized"
-    http_status = 401
-
-
-class Forbidden(ExcpError):
-    """A valid token whose scopes or run-name prefixes do not cover the request."""
-
-    code = "forbidden"
-    http_status = 403
-
-
-class TooLarge(ExcpError):
-    """A request body over the configured limit."""
-
-    code = "too_large"
-    http_status = 413
-
-
-class WorkerFailed(ExcpError):
-    """A compression/restore worker process died (killed, out of memory)."""
-
-    code = "worker_failed"
-    http_status = 503
 
 
 _HTTP_CODES = {400: "invalid_input", 401: "unauthorized", 403: "forbidden", 404: "not_found",

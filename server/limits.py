@@ -15,7 +15,8 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import TooLarge, error_response
+from excp.errors import TooLarge
+from server.errors import error_response
 
 
 def _message(limit: int) -> str:

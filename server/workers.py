@@ -19,9 +19,9 @@ from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from typing import Any, TypeVar
 
+from excp.errors import WorkerFailed
 from excp.store import Store
 from server import jobs
-from server.errors import WorkerFailed
 
 T = TypeVar("T")
 

@@ -6,10 +6,9 @@ import json
 
 import pytest
 
-from excp.errors import InvalidInput
+from excp.errors import Forbidden, InvalidInput, Unauthorized
 from server.auth import Scope, TokenTable, is_loopback, load_tokens
 from server.config import parse_size
-from server.errors import Forbidden, Unauthorized
 
 WRITER = "w" * 24
 READER = "r" * 24

@@ -19,8 +19,6 @@ import io
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -28,14 +26,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 from safetensors import safe_open
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
@@ -43,145 +39,27 @@ from safetensors.torch import save_file
 from excp import api
 from excp.chain import RUN_NAME, Chain, Commit, encode_archive
 from excp.codec.params import PRESETS, CodecParams
-from excp.store import LocalStore, Store
 from tests.factories import mlp
 from tests.s3_fixtures import (
     admin,
-    environment_for,
     moto_api,
     moto_endpoint,  # noqa: F401 (a fixture, started only if an S3 test runs)
-    new_bucket,
-    open_moto_store,
+)
+from tests.serve_fixtures import (
+    ADMIN,
+    ARCHIVE_ROUTE,
+    DEADLINE,
+    MAX_BODY,
+    READER_A,
+    STORES,
+    TEAM_A,
+    TEAM_B,
+    Server,
+    auth,
+    free_port,
+    new_backend,
 )
 from tests.test_adapters import files_of, trainer_dir
-
-ADMIN = "admin-token-0123456789abcdef"
-TEAM_A = "team-a-token-0123456789abcdef"
-READER_A = "reader-a-token-0123456789abcdef"
-TEAM_B = "team-b-token-0123456789abcdef"
-TOKENS = {"tokens": [
-    {"name": "admin", "token": ADMIN, "scopes": ["admin"], "prefixes": [""]},
-    {"name": "team-a", "token": TEAM_A, "scopes": ["write"], "prefixes": ["team-a-"]},
-    {"name": "reader-a", "token": READER_A, "scopes": ["read"], "prefixes": ["team-a-"]},
-    {"name": "team-b", "token": TEAM_B, "scopes": ["write"], "prefixes": ["team-b-"]},
-]}
-MAX_BODY = 2 << 20
-ARCHIVE_ROUTE = "/v1/runs/{run}/checkpoints/{step}/archive"
-DEADLINE = 90.0
-STORES = ("local", "s3")
-
-
-def _auth(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass(frozen=True)
-class Backend:
-    """A store as the service sees it (its URL and the environment of ``excp serve``)
-    and as the test sees it (a store object for ``excp.api`` and for looking around)."""
-
-    kind: str
-    url: str
-    store: Store
-    env: dict[str, str]
-    directory: Path | None = None  # the local store's directory
-    endpoint: str | None = None  # moto's, for an S3 store
-    bucket: str | None = None
-
-
-def _backend(kind: str, root: Path, request: pytest.FixtureRequest) -> Backend:
-    """A new, empty store of ``kind``: a directory under ``root``, or a fresh bucket on
-    moto's S3 server (under a prefix, as a shared bucket would be used). The service
-    reaches moto through excp's own variables, set in its environment only."""
-    env = {k: v for k, v in os.environ.items() if k not in ("EXCP_TOKENS", "EXCP_STORE")}
-    if kind == "local":
-        return Backend(kind, str(root / "store"), LocalStore(root / "store"), env, directory=root / "store")
-    endpoint = request.getfixturevalue("moto_endpoint")
-    bucket = new_bucket(endpoint)
-    url = f"s3://{bucket}/team/ckpts"
-    return Backend(kind, url, open_moto_store(url, endpoint, root), environment_for(endpoint, root, env),
-                   endpoint=endpoint, bucket=bucket)
-
-
-class Server:
-    """``excp serve`` in a subprocess, on a free port of 127.0.0.1."""
-
-    def __init__(self, root: Path, backend: Backend, max_body: int = MAX_BODY) -> None:
-        self.root, self.backend, self.max_body = root, backend, max_body
-        self.store = backend.store
-        self.tokens = root / "tokens.json"
-        self.tokens.write_text(json.dumps(TOKENS))
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> Server:
-        self.port = _free_port()
-        env = {**self.backend.env, "EXCP_CACHE": str(self.root / "excp-cache")}
-        self.log = open(self.root / f"server-{self.port}.log", "wb")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from excp.cli import main; main()", "serve", "--store", self.backend.url,
-             "--port", str(self.port), "--tokens", str(self.tokens), "--cache-dir", str(self.root / "cache"),
-             "--cache-size", "1MiB", "--max-body", str(self.max_body), "--workers", "2",
-             "--allow-factory", "tests.factories:mlp"],
-            cwd=Path(__file__).parent.parent, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + DEADLINE
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"excp serve exited: {self.output()}"
-            try:
-                if requests.get(self.url("/healthz"), timeout=1).status_code == 200:
-                    return self
-            except (requests.ConnectionError, requests.Timeout):  # not listening, or slow to answer
-                time.sleep(0.1)
-        raise AssertionError(f"excp serve did not answer /healthz: {self.output()}")
-
-    def output(self) -> str:
-        self.log.flush()
-        return (self.root / f"server-{self.port}.log").read_text(errors="replace")[-3000:]
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=30)
-        self.log.close()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-
-    # --- the API, as a client uses it -----------------------------------------
-
-    def get(self, path: str, token: str = ADMIN, **kwargs: Any) -> requests.Response:
-        return requests.get(self.url(path), headers=_auth(token), timeout=120, **kwargs)
-
-    def create(self, run: str, token: str = TEAM_A, **body: Any) -> requests.Response:
-        return requests.post(self.url("/v1/runs"), json={"name": run, **body}, headers=_auth(token),
-                             timeout=60)
-
-    def put_archive(self, run: str, step: int, body: Any, token: str = TEAM_A) -> requests.Response:
-        return requests.put(self.url(f"/v1/runs/{run}/checkpoints/{step}/archive"), data=body,
-                            headers=_auth(token), timeout=120)
-
-    def delete(self, path: str, token: str = ADMIN) -> requests.Response:
-        return requests.delete(self.url(path), headers=_auth(token), timeout=60)
-
-    def metrics(self) -> dict[tuple[str, tuple], float]:
-        text = requests.get(self.url("/metrics"), timeout=30).text
-        return {(s.name, tuple(sorted(s.labels.items()))): s.value
-                for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -204,7 +82,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
     def get(kind: str) -> Server:
         if kind not in started:
             root = tmp_path_factory.mktemp(f"serve-{kind}")
-            started[kind] = Server(root, _backend(kind, root, request)).start()
+            started[kind] = Server(root, new_backend(kind, root, request)).start()
         return started[kind]
 
     yield get
@@ -358,20 +236,20 @@ def test_raw_uploads_are_compressed_by_the_server(server: Server, tiny_run, tmp_
         path = tmp_path / f"{step}.pt"
         torch.save(training.advance(5), path)
         response = requests.post(server.url(f"/v1/runs/{run}/checkpoints/{step}/raw"), data=path.read_bytes(),
-                                 headers=_auth(TEAM_A), timeout=120)
+                                 headers=auth(TEAM_A), timeout=120)
         assert response.status_code == 201, response.text
         assert response.json()["parent"] == parent and response.json()["created"]
     again = requests.post(server.url(f"/v1/runs/{run}/checkpoints/10/raw"), data=path.read_bytes(),
-                          headers=_auth(TEAM_A), timeout=120)
+                          headers=auth(TEAM_A), timeout=120)
     assert again.status_code == 200 and not again.json()["created"]
     assert _check_restore(server, run, 10, tmp_path)["step"] == 10
 
     torch.save(training.advance(10), tmp_path / "says-20.pt")  # the dict says step 20
-    mislabelled = requests.post(server.url(f"/v1/runs/{run}/checkpoints/15/raw"), headers=_auth(TEAM_A),
+    mislabelled = requests.post(server.url(f"/v1/runs/{run}/checkpoints/15/raw"), headers=auth(TEAM_A),
                                 data=(tmp_path / "says-20.pt").read_bytes(), timeout=120)
     assert "says it is step 20" in _error(mislabelled, 400, "invalid_input")
     garbage = requests.post(server.url(f"/v1/runs/{run}/checkpoints/15/raw"), data=b"not a checkpoint",
-                            headers=_auth(TEAM_A), timeout=120)
+                            headers=auth(TEAM_A), timeout=120)
     message = _error(garbage, 400, "invalid_input")
     assert "the uploaded file" in message and str(server.root) not in message
 
@@ -379,7 +257,7 @@ def test_raw_uploads_are_compressed_by_the_server(server: Server, tiny_run, tmp_
     save_file({k: v.contiguous() for k, v in training.model.state_dict().items()}, str(weights))
     assert server.create("team-a-st").status_code == 201
     stored = requests.post(server.url("/v1/runs/team-a-st/checkpoints/3/raw"), params={"kind": "safetensors"},
-                           data=weights.read_bytes(), headers=_auth(TEAM_A), timeout=120)
+                           data=weights.read_bytes(), headers=auth(TEAM_A), timeout=120)
     assert stored.status_code == 201, stored.text
     back = server.get("/v1/runs/team-a-st/checkpoints/3", params={"format": "safetensors"})
     local = api.restore("team-a-st", 3, tmp_path / "local.safetensors", store=server.store)
@@ -414,7 +292,7 @@ def test_a_run_from_a_seed_needs_an_allowed_factory(server: Server, tmp_path) ->
     _error(server.create("team-a-seed", base={"seed": 1, "factory": "tests.factories:mlp"}), 409, "conflict")
     state = {k: v + 0.01 for k, v in mlp(0).state_dict().items()}
     torch.save({"model": state, "step": 7}, tmp_path / "7.pt")
-    pushed = requests.post(server.url("/v1/runs/team-a-seed/checkpoints/7/raw"), headers=_auth(TEAM_A),
+    pushed = requests.post(server.url("/v1/runs/team-a-seed/checkpoints/7/raw"), headers=auth(TEAM_A),
                            data=(tmp_path / "7.pt").read_bytes(), timeout=120)
     assert pushed.status_code == 201 and not pushed.json()["keyframe"]  # a link against the seed's weights
     served = server.get("/v1/runs/team-a-seed/checkpoints/7").content
@@ -488,7 +366,7 @@ def _raw_request(server: Server, method: str, path: str, body: bytes | None = No
     """A request whose path goes out exactly as written (requests would normalize dots)."""
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     try:
-        connection.request(method, path, body=body, headers=_auth(ADMIN))
+        connection.request(method, path, body=body, headers=auth(ADMIN))
         response = connection.getresponse()
         return response.status, json.loads(response.read())
     finally:
@@ -539,7 +417,7 @@ def test_oversized_bodies_are_413(server: Server) -> None:
 
     _error(server.put_archive("team-a-big", 1, chunked()), 413, "too_large")
     _error(requests.post(server.url("/v1/runs"), data=b"{" + b" " * (2 << 20) + b"}",
-                         headers={**_auth(TEAM_A), "Content-Type": "application/json"}, timeout=30),
+                         headers={**auth(TEAM_A), "Content-Type": "application/json"}, timeout=30),
            413, "too_large")
     assert server.get("/v1/runs/team-a-big/checkpoints").json()["checkpoints"] == []
     assert server.get("/healthz").status_code == 200
@@ -625,7 +503,7 @@ def _children(pid: int) -> list[int]:
 
 @pytest.mark.parametrize("kind", STORES)
 def test_a_server_killed_mid_upload_commits_nothing(kind: str, tmp_path, request) -> None:
-    backend, run = _backend(kind, tmp_path, request), "team-a-kill"
+    backend, run = new_backend(kind, tmp_path, request), "team-a-kill"
     store, recon = backend.store, None
     for step in (1, 2):  # lossless, so the upload stays about as large as the checkpoint
         _, recon = api.push(_big_checkpoint(step, step), run, step=step, store=store,
@@ -698,7 +576,7 @@ def test_a_server_killed_mid_upload_commits_nothing(kind: str, tmp_path, request
 def test_serve_refuses_a_public_host_without_tokens(tmp_path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("EXCP_TOKENS", "EXCP_STORE")}
     done = subprocess.run([sys.executable, "-c", "from excp.cli import main; main()", "serve", "--host",
-                           "0.0.0.0", "--port", str(_free_port()), "--store", str(tmp_path / "s")],
+                           "0.0.0.0", "--port", str(free_port()), "--store", str(tmp_path / "s")],
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [

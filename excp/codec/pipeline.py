@@ -190,6 +190,13 @@ def decode_archive(reader: ArchiveReader, parent: Reconstruction | None,
     return bundle, recon
 
 
+def reconstruction_of(bundle: Bundle, mode: str) -> Reconstruction:
+    """What :func:`decode_archive` returned as the reconstruction, taken back from the
+    bundle it restored (the same tensors): the weights, and in lossless mode the moments."""
+    return {e.name: e.tensor for e in bundle.tensors.values()
+            if e.role is Role.WEIGHT or (mode == "lossless" and e.role in MOMENT_ROLES)}
+
+
 def _guarded(label: str, work: Callable[[], Any]) -> Any:
     """Malformed but checksummed input surfaces as a torch/numpy error: CorruptData."""
     try:

@@ -1,0 +1,251 @@
+"""Where a run lives, behind one interface: a store (directory, ``memory://``, ``s3://``)
+or an excp service (``excp://host:port``).
+
+The hook, the callbacks and the CLI talk to a :class:`Target` and never ask which kind
+it is. With a store, the target is :mod:`excp.api` itself. With a service, the
+training node still does the compute: it codes each archive against the head's
+reconstruction and uploads it (the service verifies and commits it), and it restores
+by downloading the archives on the step's path and decoding them locally, on its own
+device — so a restore onto a GPU decodes on that GPU, and ``rebuild``/``verify`` decode
+each link once and check exactly the bytes the client received. The downloaded
+archives go into a temporary directory store (a *mirror* of the run's commit records
+and the archives needed), where the ordinary chain code reads them.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from excp import api
+from excp.api import BaseSpec, Progress, VerifyReport
+from excp.bundle import Bundle
+from excp.cache import ReconCache
+from excp.chain import Chain, Commit, Head, PushResult, encode_archive, validate_run
+from excp.client.http import Client, is_service_url
+from excp.codec.params import CodecParams
+from excp.codec.pipeline import Reconstruction
+from excp.errors import InvalidInput, NotFound
+from excp.store import LocalStore, Store, open_store
+
+Checkpoint = str | Path | Bundle | dict
+
+
+class Target(ABC):
+    """The operations of :mod:`excp.api`, on a store or through a service."""
+
+    url: str
+
+    @abstractmethod
+    def push(self, checkpoint: Checkpoint, run: str, *, step: int | None = None,
+             params: CodecParams | None = None, base: BaseSpec | None = None, parent: Head | None = None,
+             progress: Progress = None) -> tuple[PushResult, Reconstruction]:
+        """:func:`excp.api.push`: code ``checkpoint`` against the head and commit it."""
+
+    @abstractmethod
+    def restore(self, run: str, step: int | str = "latest", out: str | Path | None = None, *,
+                device: str = "cpu", base: BaseSpec | None = None, progress: Progress = None) -> Bundle:
+        """:func:`excp.api.restore`: reconstruct ``step`` (or ``latest``) on ``device``."""
+
+    @abstractmethod
+    def runs(self) -> list[str]:
+        """The runs there are (that the token may read)."""
+
+    @abstractmethod
+    def commits(self, run: str) -> list[Commit]:
+        """The run's commit records in step order."""
+
+    @abstractmethod
+    def params(self, run: str) -> CodecParams:
+        """The codec parameters the run was created with."""
+
+    @abstractmethod
+    def rebuild(self, run: str, out_dir: str | Path, *, base: BaseSpec | None = None,
+                progress: Progress = None) -> list[Path]:
+        """:func:`excp.api.rebuild`: every checkpoint of the run, in step order."""
+
+    @abstractmethod
+    def verify(self, run: str, *, base: BaseSpec | None = None, progress: Progress = None) -> VerifyReport:
+        """:func:`excp.api.verify`: every checksum, and every link decodes."""
+
+    @abstractmethod
+    def inspect(self, run: str, step: int | str = "latest") -> dict[str, Any]:
+        """:func:`excp.api.inspect_archive` of a stored checkpoint."""
+
+    def close(self) -> None:  # noqa: B027 (a store target holds nothing to release)
+        """Release connections."""
+
+    def __enter__(self) -> Target:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+class StoreTarget(Target):
+    """A store, used directly: every call is :mod:`excp.api`'s."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.url = store.url
+
+    def push(self, checkpoint: Checkpoint, run: str, *, step: int | None = None,
+             params: CodecParams | None = None, base: BaseSpec | None = None, parent: Head | None = None,
+             progress: Progress = None) -> tuple[PushResult, Reconstruction]:
+        return api.push(checkpoint, run, step=step, store=self.store, params=params, base=base,
+                        parent=parent, progress=progress)
+
+    def restore(self, run: str, step: int | str = "latest", out: str | Path | None = None, *,
+                device: str = "cpu", base: BaseSpec | None = None, progress: Progress = None) -> Bundle:
+        return api.restore(run, step, out, store=self.store, device=device, base=base, progress=progress)
+
+    def runs(self) -> list[str]:
+        return api.list_runs(self.store)
+
+    def commits(self, run: str) -> list[Commit]:
+        return api.list_commits(run, self.store)
+
+    def params(self, run: str) -> CodecParams:
+        return Chain(self.store, run).params()
+
+    def rebuild(self, run: str, out_dir: str | Path, *, base: BaseSpec | None = None,
+                progress: Progress = None) -> list[Path]:
+        return api.rebuild(run, out_dir, store=self.store, base=base, progress=progress)
+
+    def verify(self, run: str, *, base: BaseSpec | None = None, progress: Progress = None) -> VerifyReport:
+        return api.verify(run, store=self.store, base=base, progress=progress)
+
+    def inspect(self, run: str, step: int | str = "latest") -> dict[str, Any]:
+        return api.inspect_archive(run=run, step=step, store=self.store)
+
+
+class ServiceTarget(Target):
+    """An excp service: archives are coded and decoded here, stored there."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.url = client.url
+
+    def close(self) -> None:
+        self.client.close()
+
+    def push(self, checkpoint: Checkpoint, run: str, *, step: int | None = None,
+             params: CodecParams | None = None, base: BaseSpec | None = None, parent: Head | None = None,
+             progress: Progress = None) -> tuple[PushResult, Reconstruction]:
+        bundle = api.to_bundle(checkpoint)
+        step = bundle.step if step is None else step
+        if step is None:
+            raise InvalidInput("this checkpoint does not say its step: pass --step N")
+        info = self._ensure_run(validate_run(run), params, base)
+        head = info.head
+        cache = ReconCache(self.url, run)
+
+        def parent_of(commit: Commit) -> Reconstruction:
+            if parent is not None and parent.commit.digest == commit.digest:
+                return parent.recon
+            cached = cache.get(commit.step, commit.digest)
+            if cached is not None:
+                return cached
+            return self._decoded(run, commit.step, base)
+
+        first = api.build_base(base) if head is None and base is not None else None
+        with tempfile.TemporaryFile() as spool:
+            _, recon = encode_archive(run, info.params, head, bundle, step, spool, parent_of, first, progress)
+            result = self.client.upload_archive(run, step, spool)
+        if not result.created:
+            return result, {}
+        cache.put(step, result.commit.digest, recon)
+        return result, recon
+
+    def _ensure_run(self, run: str, params: CodecParams | None, base: BaseSpec | None) -> Any:
+        try:
+            info = self.client.run(run)
+        except NotFound:
+            options = (params or CodecParams()).to_dict()
+            seed_base = None
+            if base is not None:
+                api.build_base(base)  # a factory that fails here would fail every restore
+                seed_base = (base.seed, base.factory)
+            return self.client.create_run(run, "default", options, seed_base)
+        api.check_options(run, info.params, info.base, params, base)
+        return info
+
+    def _decoded(self, run: str, step: int, base: BaseSpec | None) -> Reconstruction:
+        """The reconstruction of ``step``, decoded here from downloaded archives."""
+        with self._mirror(run) as chain:
+            self._fetch(chain, chain.path_to(step))
+            _, recon = chain.restore(step, base_recon=api.build_base(base) if base else None)
+        return recon
+
+    @contextmanager
+    def _mirror(self, run: str) -> Iterator[Chain]:
+        """A temporary store with the run's record and every commit record; archives
+        are added by :meth:`_fetch` as needed."""
+        info = self.client.run(validate_run(run))
+        with tempfile.TemporaryDirectory(prefix="excp-mirror-") as root:
+            chain = Chain(LocalStore(root), run)
+            chain.create(info.params, info.base)
+            for commit in self.client.checkpoints(run):
+                chain.adopt(commit)
+            yield chain
+
+    def _fetch(self, chain: Chain, commits: list[Commit]) -> None:
+        for commit in commits:
+            with tempfile.TemporaryFile() as spool:
+                self.client.download_archive(chain.run, commit, spool)
+                chain.adopt(commit, spool)
+
+    def restore(self, run: str, step: int | str = "latest", out: str | Path | None = None, *,
+                device: str = "cpu", base: BaseSpec | None = None, progress: Progress = None) -> Bundle:
+        with self._mirror(run) as chain:
+            number = chain.resolve(step)
+            self._fetch(chain, chain.path_to(number))
+            return api.restore(run, number, out, store=chain.store, device=device, base=base,
+                               progress=progress)
+
+    def runs(self) -> list[str]:
+        return self.client.runs()
+
+    def commits(self, run: str) -> list[Commit]:
+        return self.client.checkpoints(validate_run(run))
+
+    def params(self, run: str) -> CodecParams:
+        return self.client.run(validate_run(run)).params
+
+    def rebuild(self, run: str, out_dir: str | Path, *, base: BaseSpec | None = None,
+                progress: Progress = None) -> list[Path]:
+        with self._mirror(run) as chain:
+            self._fetch(chain, chain.commits())
+            return api.rebuild(run, out_dir, store=chain.store, base=base, progress=progress)
+
+    def verify(self, run: str, *, base: BaseSpec | None = None, progress: Progress = None) -> VerifyReport:
+        with self._mirror(run) as chain:
+            self._fetch(chain, chain.commits())
+            return api.verify(run, store=chain.store, base=base, progress=progress)
+
+    def inspect(self, run: str, step: int | str = "latest") -> dict[str, Any]:
+        with self._mirror(run) as chain:
+            commit = chain.commit(chain.resolve(step))
+            self._fetch(chain, [commit])
+            return api.inspect_archive(run=run, step=commit.step, store=chain.store)
+
+
+def open_target(url: str | Store | Target | None = None, token: str | None = None,
+                **client_options: Any) -> Target:
+    """The target a URL names: ``excp://host:port`` or ``http(s)://host:port`` is a
+    service (``token``, else ``$EXCP_TOKEN``); anything else is a store URL as
+    :func:`excp.store.open_store` takes it (``None``: ``$EXCP_STORE`` or ``./excp-store``).
+    ``client_options`` go to :class:`~excp.client.http.Client` (timeout, retries, backoff)."""
+    if isinstance(url, Target):
+        return url
+    if isinstance(url, Store):
+        return StoreTarget(url)
+    if url is not None and is_service_url(url):
+        return ServiceTarget(Client(url, token, **client_options))
+    if token is not None:
+        raise InvalidInput("a token is for an excp service (excp://HOST:PORT); a store takes none")
+    return StoreTarget(open_store(url))
