@@ -64,7 +64,9 @@ class HookStats:
     """What the hook cost the training loop and what it stored.
 
     ``snapshot_s``: time the loop spent copying state (the stall per save);
-    ``waited_s``: time spent waiting for the previous save (``when_busy="wait"``).
+    ``waited_s``: time spent waiting for the previous save (``when_busy="wait"``);
+    ``push_s``: time the background thread spent coding and uploading (if it nears
+    ``every`` steps' worth of training, saves start to wait or be skipped).
     """
 
     saves: int = 0
@@ -73,6 +75,7 @@ class HookStats:
     failed: int = 0
     snapshot_s: float = 0.0
     waited_s: float = 0.0
+    push_s: float = 0.0
     stored_bytes: int = 0
     raw_bytes: int = 0
     last: Commit | None = None
@@ -187,6 +190,7 @@ class Checkpointer:
 
     def _push(self, step: int, build: Callable[[], Bundle]) -> PushResult:
         """The background half of a save (one at a time, on the hook's thread)."""
+        started = time.perf_counter()
         bundle = build()
         result, recon = self.target.push(bundle, self.run, step=step, params=self.params, base=self.base,
                                          parent=self._head)
@@ -198,6 +202,7 @@ class Checkpointer:
                 self.stats.raw_bytes += result.commit.raw_bytes
                 self.stats.commits.append(result.commit)
             self.stats.last = result.commit
+            self.stats.push_s += time.perf_counter() - started
         log.info("excp: run %s step %d %s: %.1fx", self.run, step,
                  "committed" if result.created else "already stored", result.commit.ratio)
         return result
