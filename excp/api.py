@@ -137,20 +137,24 @@ def push(checkpoint: str | Path | Bundle | dict, run: str, *, step: int | None =
 
     _ensure_run(chain, params, base, base_recon)
     cache = ReconCache(st.url, run)
-
-    def parent_of(head: Commit) -> Reconstruction:
-        if parent is not None and parent.commit.digest == head.digest:
-            return parent.recon
-        cached = cache.get(head.step, head.digest)
-        if cached is not None:
-            return cached
-        return chain.restore(head.step, base_recon=base_recon())[1]
-
+    parent_of = head_recon(parent, cache, lambda head: chain.restore(head.step, base_recon=base_recon())[1])
     first = base_recon() if chain.head() is None else None
     result, recon = chain.push(bundle, step, parent_of, first, progress)
     if result.created:
         cache.put(step, result.commit.digest, recon)
     return result, recon
+
+
+def head_recon(parent: Head | None, cache: ReconCache, decode: Callable[[Commit], Reconstruction]
+               ) -> Callable[[Commit], Reconstruction]:
+    """Where the head's reconstruction comes from, cheapest first: the pusher's own
+    ``parent`` if it is of the head, the local cache if its entry is, else a decode."""
+    def recon_of(head: Commit) -> Reconstruction:
+        if parent is not None and parent.commit.digest == head.digest:
+            return parent.recon
+        cached = cache.get(head.step, head.digest)
+        return cached if cached is not None else decode(head)
+    return recon_of
 
 
 def _base_for(base: BaseSpec | None) -> Reconstruction | None:

@@ -143,15 +143,7 @@ class ServiceTarget(Target):
         info = self._ensure_run(validate_run(run), params, base)
         head = info.head
         cache = ReconCache(self.url, run)
-
-        def parent_of(commit: Commit) -> Reconstruction:
-            if parent is not None and parent.commit.digest == commit.digest:
-                return parent.recon
-            cached = cache.get(commit.step, commit.digest)
-            if cached is not None:
-                return cached
-            return self._decoded(run, commit.step, base)
-
+        parent_of = api.head_recon(parent, cache, lambda commit: self._decoded(run, commit.step, base))
         first = api.build_base(base) if head is None and base is not None else None
         with tempfile.TemporaryFile() as spool:
             _, recon = encode_archive(run, info.params, head, bundle, step, spool, parent_of, first, progress)
