@@ -153,6 +153,10 @@ def test_tokens_and_addresses(local_server: Server, monkeypatch: pytest.MonkeyPa
             Client(bad)
     with pytest.raises(InvalidInput, match="a token is for an excp service"):
         open_target("/tmp/somewhere", token="abc")
+    with pytest.raises(InvalidInput, match="retries= is for an excp service"):
+        open_target("/tmp/somewhere", retries=3)
+    with pytest.raises(InvalidInput, match="unknown option 'retriez'"):
+        open_target(_address(local_server), retriez=3)
 
 
 class _Flaky(BaseHTTPRequestHandler):

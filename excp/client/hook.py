@@ -51,7 +51,7 @@ from excp.chain import Commit, Head, PushResult, validate_run
 from excp.client.target import Target, open_target
 from excp.codec.params import CodecParams, preset
 from excp.codec.pipeline import reconstruction_of
-from excp.errors import ExcpError, InvalidInput, NotFound
+from excp.errors import Conflict, ExcpError, InvalidInput, NotFound
 from excp.store import Store
 
 log = logging.getLogger("excp.client")
@@ -260,6 +260,18 @@ class Checkpointer:
             log.error("excp: run %s: the last save failed too: %s", self.run, err)
 
     # --- resuming -------------------------------------------------------------------
+
+    def check_start(self, step: int) -> None:
+        """Refuse to train into a run that already has checkpoints after ``step`` (a
+        rerun, or a resume from an earlier step): its first save would be refused as a
+        different checkpoint at a stored step, but only after a save interval of training."""
+        try:
+            later = [c.step for c in self.target.commits(self.run) if c.step > step]
+        except NotFound:
+            return
+        if later:
+            raise Conflict(f"run {self.run!r} already has checkpoints after step {step} (up to "
+                           f"{later[-1]}): resume from its latest step or push to a new run name")
 
     def restore(self, model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
                 step: int | str = "latest", device: str | None = None) -> dict | None:

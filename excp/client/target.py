@@ -33,6 +33,7 @@ from excp.errors import InvalidInput, NotFound
 from excp.store import LocalStore, Store, open_store
 
 Checkpoint = str | Path | Bundle | dict
+CLIENT_OPTIONS = {"timeout", "retries", "backoff", "max_backoff"}
 
 
 class Target(ABC):
@@ -232,12 +233,17 @@ def open_target(url: str | Store | Target | None = None, token: str | None = Non
     service (``token``, else ``$EXCP_TOKEN``); anything else is a store URL as
     :func:`excp.store.open_store` takes it (``None``: ``$EXCP_STORE`` or ``./excp-store``).
     ``client_options`` go to :class:`~excp.client.http.Client` (timeout, retries, backoff)."""
+    unknown = sorted(set(client_options) - CLIENT_OPTIONS)
+    if unknown:
+        raise InvalidInput(f"unknown option {unknown[0]!r}: a service client takes {sorted(CLIENT_OPTIONS)}")
     if isinstance(url, Target):
         return url
+    service = isinstance(url, str) and is_service_url(url)
+    if not service and (token is not None or client_options):
+        given = "a token" if token is not None else f"{sorted(client_options)[0]}="
+        raise InvalidInput(f"{given} is for an excp service (excp://HOST:PORT); a store takes none")
     if isinstance(url, Store):
         return StoreTarget(url)
-    if url is not None and is_service_url(url):
+    if service:
         return ServiceTarget(Client(url, token, **client_options))
-    if token is not None:
-        raise InvalidInput("a token is for an excp service (excp://HOST:PORT); a store takes none")
     return StoreTarget(open_store(url))

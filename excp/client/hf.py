@@ -1,0 +1,98 @@
+"""A Hugging Face Trainer callback that keeps a compressed copy of every Trainer checkpoint.
+
+::
+
+    trainer = Trainer(model=model, args=args, train_dataset=data,
+                      callbacks=[ExcpTrainerCallback("gpt-1", "excp://ckpt-server:8080")])
+
+The Trainer stays in charge of *when* to save (``save_steps``, ``save_strategy``) and
+of writing its own ``checkpoint-N`` directory; excp takes that directory as it is, so
+what a restore gives back is exactly what ``trainer.train(resume_from_checkpoint=...)``
+expects, scheduler, RNG states and ``trainer_state.json`` included.
+
+The directory is read during ``on_save``, on the training loop, because it may not be
+there for long: ``save_total_limit`` deletes old directories when the next one is
+written. Only the reading is synchronous; coding the checkpoint against the previous
+one and uploading it run in the background (:class:`~excp.client.hook.Checkpointer`),
+and the previous step's reconstruction is kept in memory for that, so excp never needs
+an old directory back and ``save_total_limit=1`` is fine. ``on_train_end`` waits for
+the last upload, so a failure to save makes ``trainer.train()`` fail instead of going
+unnoticed.
+
+Resuming: write a step back as a Trainer directory and hand it to a Trainer::
+
+    excp.client.restore("gpt-1", 1200, out="resume/", target="excp://ckpt-server:8080")
+    trainer.train(resume_from_checkpoint="resume/")
+
+With the callback attached to the resumed Trainer, the run goes on from that step if it
+was the run's latest. A run keeps one history, so a Trainer starting before the run's
+latest step (a rerun, or a resume from an earlier step) is refused in ``on_train_begin``
+— its saves would be refused anyway, but only after a save interval of training — and
+takes a new run name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from excp.adapters import load_checkpoint
+from excp.client.hook import Checkpointer
+from excp.client.target import Target
+from excp.codec.params import CodecParams
+from excp.errors import InvalidInput
+from excp.store import Store
+
+try:
+    from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+except ImportError as exc:
+    raise InvalidInput("excp.client.hf needs transformers: pip install 'excp[hf]'") from exc
+
+__all__ = ["ExcpTrainerCallback"]
+
+
+class ExcpTrainerCallback(TrainerCallback):
+    """Pushes each checkpoint the Trainer saves to ``run`` on ``target``.
+
+    ``target``: a store URL (a directory, ``s3://…``), a service URL (``excp://host:port``,
+    with ``token`` or ``$EXCP_TOKEN``), a Store or a Target; ``None`` means
+    ``$EXCP_STORE`` or ``./excp-store``. ``preset`` sets the codec options of a new run.
+    ``when_busy``: what a save does while the previous one is still uploading, ``"wait"``
+    or ``"skip"``. ``client_options`` (``retries``, ``backoff``, ``timeout``) tune the
+    HTTP client. The :class:`~excp.client.hook.Checkpointer` is ``self.checkpointer``;
+    its ``stats`` say what was stored and what it cost the loop.
+    """
+
+    def __init__(self, run: str, target: str | Store | Target | None = None, *, token: str | None = None,
+                 preset: str | CodecParams | None = None, when_busy: str = "wait",
+                 **client_options: Any) -> None:
+        if "every" in client_options:
+            raise InvalidInput("ExcpTrainerCallback takes no 'every': it pushes each checkpoint the Trainer "
+                               "saves; set TrainingArguments(save_steps=N) instead")
+        self.checkpointer = Checkpointer(run, target, every=1, preset=preset, token=token,
+                                         when_busy=when_busy, **client_options)
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            self.checkpointer.check_start(state.global_step)
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                model: Any = None, **kwargs: Any) -> None:
+        if not state.is_world_process_zero:
+            return
+        directory = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        order = [name for name, _ in model.named_parameters()] if model is not None else None
+        bundle = load_checkpoint(directory, param_order=order)
+        self.checkpointer.save_bundle(state.global_step, bundle)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
+        self.checkpointer.wait()
+
+    def close(self) -> None:
+        """Finish the last upload (raising its error, if any) and release the target; the
+        Trainer has no hook for a failed ``train()``, so call it when done."""
+        self.checkpointer.close()
+
