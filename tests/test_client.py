@@ -21,6 +21,7 @@ import torch
 
 from excp import api
 from excp.adapters import load_checkpoint
+from excp.api import BaseSpec
 from excp.chain import Commit
 from excp.client import Checkpointer, Client, StoreTarget, open_target, restore
 from excp.codec.params import PRESETS
@@ -37,6 +38,7 @@ from excp.errors import (
 )
 from excp.store import LocalStore
 from tests.conftest import TinyRun
+from tests.factories import mlp
 from tests.s3_fixtures import moto_api, moto_endpoint  # noqa: F401 (fixture)
 from tests.serve_fixtures import ADMIN, READER_A, TEAM_A, TEAM_B, Server, free_port, new_backend
 
@@ -302,6 +304,26 @@ def test_the_service_going_away_mid_run(tmp_path: Path, request: pytest.FixtureR
     _assert_restores_like_local(str(server.backend.directory), run, server.store, 50)
 
 
+def test_hook_through_the_service_from_a_seed_base(local_server: Server) -> None:
+    """A run that starts from weights rebuilt from a seed: the first link is coded here
+    against the same base the service rebuilt, and restores agree on both sides."""
+    run, base = "team-a-seeded", BaseSpec(3, "tests.factories:mlp")
+    model = mlp(3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    data = torch.randn(64, 16)
+    with Checkpointer(run, _address(local_server), every=5, token=TEAM_A, base=base, **FAST) as ckpt:
+        for step in range(1, 11):
+            optimizer.zero_grad()
+            model(data).square().mean().backward()
+            optimizer.step()
+            ckpt.step(step, model, optimizer)
+    commits = api.list_commits(run, local_server.store)
+    assert [(c.step, c.parent, c.keyframe) for c in commits] == [(5, None, False), (10, 5, False)]
+    here = restore(run, 10, target=_address(local_server), token=TEAM_A, base=base)
+    there = api.load_dict(api.restore(run, 10, store=local_server.store, base=base))
+    assert _equal_states(here["model"], there["model"])
+
+
 class _Gated(StoreTarget):
     """A store target whose pushes wait for the test to open a gate, or fail."""
 
@@ -389,6 +411,7 @@ _KILLED_JOB = """
 import sys, time, torch
 sys.path.insert(0, {root!r})
 from tests.conftest import TinyRun
+from tests.factories import mlp
 from excp.client import Checkpointer
 torch.manual_seed(0)
 tiny = TinyRun()

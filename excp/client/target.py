@@ -25,11 +25,11 @@ from excp import api
 from excp.api import BaseSpec, Progress, VerifyReport
 from excp.bundle import Bundle
 from excp.cache import ReconCache
-from excp.chain import Chain, Commit, Head, PushResult, encode_archive, validate_run
-from excp.client.http import Client, is_service_url
+from excp.chain import Chain, Commit, Head, PushResult, encode_archive, recon_digest, validate_run
+from excp.client.http import Client, RunInfo, is_service_url
 from excp.codec.params import CodecParams
 from excp.codec.pipeline import Reconstruction
-from excp.errors import InvalidInput, NotFound
+from excp.errors import ChainMismatch, InvalidInput, NotFound
 from excp.store import LocalStore, Store, open_store
 
 Checkpoint = str | Path | Bundle | dict
@@ -145,7 +145,7 @@ class ServiceTarget(Target):
         head = info.head
         cache = ReconCache(self.url, run)
         parent_of = api.head_recon(parent, cache, lambda commit: self._decoded(run, commit.step, base))
-        first = api.build_base(base) if head is None and base is not None else None
+        first = self._first_parent(info, base) if head is None else None
         with tempfile.TemporaryFile() as spool:
             _, recon = encode_archive(run, info.params, head, bundle, step, spool, parent_of, first, progress)
             result = self.client.upload_archive(run, step, spool)
@@ -154,18 +154,28 @@ class ServiceTarget(Target):
         cache.put(step, result.commit.digest, recon)
         return result, recon
 
-    def _ensure_run(self, run: str, params: CodecParams | None, base: BaseSpec | None) -> Any:
+    def _ensure_run(self, run: str, params: CodecParams | None, base: BaseSpec | None) -> RunInfo:
         try:
             info = self.client.run(run)
         except NotFound:
             options = (params or CodecParams()).to_dict()
-            seed_base = None
-            if base is not None:
-                api.build_base(base)  # a factory that fails here would fail every restore
-                seed_base = (base.seed, base.factory)
+            seed_base = None if base is None else (base.seed, base.factory)
             return self.client.create_run(run, "default", options, seed_base)
         api.check_options(run, info.params, info.base, params, base)
         return info
+
+    @staticmethod
+    def _first_parent(info: RunInfo, base: BaseSpec | None) -> Reconstruction | None:
+        """The base the first link is coded against: rebuilt here, and the same weights
+        the service rebuilt when it created the run (else the archive would be coded
+        against other weights than every restore uses)."""
+        if base is None:
+            return None
+        recon = api.build_base(base)
+        if info.base is not None and recon_digest(recon) != info.base.digest:
+            raise ChainMismatch(f"run {info.name!r}: the base weights rebuilt here from {base.factory} "
+                                f"(seed {base.seed}) differ from the service's; use the same code there")
+        return recon
 
     def _decoded(self, run: str, step: int, base: BaseSpec | None) -> Reconstruction:
         """The reconstruction of ``step``, decoded here from downloaded archives."""
