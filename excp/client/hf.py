@@ -37,9 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from excp.adapters import load_checkpoint
-from excp.client.hook import Checkpointer
+from excp.client.hook import follow_saves
 from excp.client.target import Target
-from excp.codec.params import CodecParams
 from excp.errors import InvalidInput
 from excp.store import Store
 
@@ -55,23 +54,13 @@ __all__ = ["ExcpTrainerCallback"]
 class ExcpTrainerCallback(TrainerCallback):
     """Pushes each checkpoint the Trainer saves to ``run`` on ``target``.
 
-    ``target``: a store URL (a directory, ``s3://…``), a service URL (``excp://host:port``,
-    with ``token`` or ``$EXCP_TOKEN``), a Store or a Target; ``None`` means
-    ``$EXCP_STORE`` or ``./excp-store``. ``preset`` sets the codec options of a new run.
-    ``when_busy``: what a save does while the previous one is still uploading, ``"wait"``
-    or ``"skip"``. ``client_options`` (``retries``, ``backoff``, ``timeout``) tune the
-    HTTP client. The :class:`~excp.client.hook.Checkpointer` is ``self.checkpointer``;
-    its ``stats`` say what was stored and what it cost the loop.
+    ``target`` and ``options`` (``token``, ``preset``, ``when_busy``, ``retries``, ...) are
+    :class:`~excp.client.hook.Checkpointer`'s, which is ``self.checkpointer``: its
+    ``stats`` say what was stored and what it cost the loop.
     """
 
-    def __init__(self, run: str, target: str | Store | Target | None = None, *, token: str | None = None,
-                 preset: str | CodecParams | None = None, when_busy: str = "wait",
-                 **client_options: Any) -> None:
-        if "every" in client_options:
-            raise InvalidInput("ExcpTrainerCallback takes no 'every': it pushes each checkpoint the Trainer "
-                               "saves; set TrainingArguments(save_steps=N) instead")
-        self.checkpointer = Checkpointer(run, target, every=1, preset=preset, token=token,
-                                         when_busy=when_busy, **client_options)
+    def __init__(self, run: str, target: str | Store | Target | None = None, **options: Any) -> None:
+        self.checkpointer = follow_saves(run, target, "set TrainingArguments(save_steps=N)", **options)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:

@@ -297,6 +297,16 @@ class Checkpointer:
         return checkpoint
 
 
+def follow_saves(run: str, target: str | Store | Target | None, how_often: str,
+                 **options: Any) -> Checkpointer:
+    """The Checkpointer of a framework callback: the framework decides when to save, and
+    each checkpoint it saves is pushed. ``options`` are Checkpointer's, but ``every``."""
+    if "every" in options:
+        raise InvalidInput(f"the callback takes no 'every': it pushes each checkpoint the framework saves; "
+                           f"{how_often} instead")
+    return Checkpointer(run, target, every=1, **options)
+
+
 def restore(run: str, step: int | str = "latest", model: torch.nn.Module | None = None,
             optimizer: torch.optim.Optimizer | None = None, *, target: str | Store | Target | None = None,
             token: str | None = None, device: str | None = None, out: str | Path | None = None,

@@ -45,9 +45,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from excp.client.hook import Checkpointer
+from excp.client.hook import follow_saves
 from excp.client.target import Target
-from excp.codec.params import CodecParams
 from excp.errors import InvalidInput
 from excp.store import Store
 
@@ -66,23 +65,13 @@ class ExcpLightningCallback(pl.Callback):
     """Pushes each checkpoint Lightning saves to ``run`` on ``target``, as step
     ``trainer.global_step``.
 
-    ``target``: a store URL (a directory, ``s3://…``), a service URL (``excp://host:port``,
-    with ``token`` or ``$EXCP_TOKEN``), a Store or a Target; ``None`` means
-    ``$EXCP_STORE`` or ``./excp-store``. ``preset`` sets the codec options of a new run.
-    ``when_busy``: what a save does while the previous one is still uploading, ``"wait"``
-    or ``"skip"``. ``client_options`` (``retries``, ``backoff``, ``timeout``) tune the
-    HTTP client. The :class:`~excp.client.hook.Checkpointer` is ``self.checkpointer``;
-    its ``stats`` say what was stored and what it cost the loop.
+    ``target`` and ``options`` (``token``, ``preset``, ``when_busy``, ``retries``, ...) are
+    :class:`~excp.client.hook.Checkpointer`'s, which is ``self.checkpointer``: its
+    ``stats`` say what was stored and what it cost the loop.
     """
 
-    def __init__(self, run: str, target: str | Store | Target | None = None, *, token: str | None = None,
-                 preset: str | CodecParams | None = None, when_busy: str = "wait",
-                 **client_options: Any) -> None:
-        if "every" in client_options:
-            raise InvalidInput("ExcpLightningCallback takes no 'every': it pushes each checkpoint Lightning "
-                               "saves; set ModelCheckpoint(every_n_train_steps=N) instead")
-        self.checkpointer = Checkpointer(run, target, every=1, preset=preset, token=token,
-                                         when_busy=when_busy, **client_options)
+    def __init__(self, run: str, target: str | Store | Target | None = None, **options: Any) -> None:
+        self.checkpointer = follow_saves(run, target, "set ModelCheckpoint(every_n_train_steps=N)", **options)
         self._last_step: int | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
