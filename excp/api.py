@@ -167,9 +167,28 @@ def restore(run: str, step: int | str = "latest", out: str | Path | None = None,
     """Reconstruct ``step`` (or ``latest``); write it to ``out`` in the layout it was
     pushed in, if given. Returns the bundle."""
     chain = Chain(_store(store), run)
-    bundle, _ = chain.restore(chain.resolve(step), _device(device), _base_for(base), progress)
+    if chain.config().get("kind") == "sharded":
+        bundle = _sharded_bundle(chain, step, device)
+    else:
+        bundle, _ = chain.restore(chain.resolve(step), _device(device), _base_for(base), progress)
     if out is not None:
         save_checkpoint(bundle, out)
+    return bundle
+
+
+def _sharded_bundle(chain: Chain, step: int | str, device: str) -> Bundle:
+    """A torch.distributed.checkpoint step as one ordinary checkpoint (the state dict
+    passed to ``dcp.save``, DTensors as full tensors), assembled in this process."""
+    from excp.dcp import load_state_dict  # torch.distributed loads only for sharded runs
+    from excp.dcp.records import ShardedRun
+
+    number = ShardedRun(chain.store, chain.run).resolve(step).step
+    state = load_state_dict(chain.store, chain.run, number, str(_device(device)))
+    if torch_dict.model_key(state) is None and not state_dict.is_state_dict(state):
+        raise InvalidInput(f"run {chain.run!r} step {number} was saved from a state dict without a model "
+                           "state dict under 'model': load it with excp.dcp.ExcpStorageReader")
+    bundle = to_bundle(state)
+    bundle.step = number
     return bundle
 
 

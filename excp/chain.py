@@ -78,6 +78,16 @@ class Commit:
     def ratio(self) -> float:
         return self.raw_bytes / max(self.size, 1)
 
+    @classmethod
+    def of_archive(cls, header: dict[str, Any], archive: str, digest: str, size: int,
+                   head: Commit | None) -> Commit:
+        """The record of an archive stored under ``archive``, coded after ``head``."""
+        keyframe = header["keyframe"]
+        return cls(step=header["step"], archive=archive, digest=digest, size=size, parent=header["parent"],
+                   keyframe=keyframe, depth=0 if keyframe or head is None else head.depth + 1,
+                   num_parameters=header["num_parameters"], raw_bytes=header["raw_bytes"],
+                   input_digest=header["input_digest"], created_at=time.time())
+
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True, indent=1).encode()
 
@@ -232,9 +242,13 @@ class Chain:
         base = self.config().get("base")
         return Base(**base) if base else None
 
-    def create(self, params: CodecParams, base: Base | None) -> None:
+    def create(self, params: CodecParams, base: Base | None, kind: str | None = None) -> None:
+        """Write ``run.json`` if the run does not exist yet. ``kind`` marks a run whose
+        steps are not this chain's (``sharded``: :mod:`excp.dcp`)."""
         record = {"params": params.to_dict(), "base": asdict(base) if base else None,
                   "created_at": time.time(), "version": RECORD_VERSION}
+        if kind is not None:
+            record["kind"] = kind
         self.store.put_if_absent(f"{self._prefix}/run.json", json.dumps(record, indent=1).encode())
 
     def commits(self) -> list[Commit]:
@@ -323,11 +337,7 @@ class Chain:
         key = f"{self._prefix}/archives/{step:012d}-{digest}.excp"
         archive.seek(0)
         self.store.put(key, archive)
-        commit = Commit(step=step, archive=key, digest=digest, size=size, parent=header["parent"],
-                        keyframe=header["keyframe"],
-                        depth=0 if header["keyframe"] or head is None else head.depth + 1,
-                        num_parameters=header["num_parameters"], raw_bytes=header["raw_bytes"],
-                        input_digest=header["input_digest"], created_at=time.time())
+        commit = Commit.of_archive(header, key, digest, size, head)
         if not self.store.put_if_absent(self._commit_key(step), commit.to_json()):
             return self._repush(step, header["input_digest"])
         return PushResult(commit, True, summary.stream_bytes if summary else {})

@@ -61,12 +61,13 @@ def _as_bytes(data: StreamData) -> memoryview:
 
 @dataclass
 class ArchiveSummary:
-    """What a finished archive is: size, content digest (blake2b-128 hex) and the
-    compressed bytes per stream name (for ``inspect`` and the benchmark)."""
+    """What a finished archive is: size, content digest (blake2b-128 hex), the
+    compressed bytes per stream name (for ``inspect`` and the benchmark) and its header."""
 
     size: int
     digest: str
     stream_bytes: dict[str, int]
+    header: dict[str, Any]
 
 
 class ArchiveWriter:
@@ -144,7 +145,7 @@ class ArchiveWriter:
         self._write(head)
         tail = struct.pack("<Q8s", self._xxh.intdigest(), END_MAGIC)
         self._write(tail)
-        return ArchiveSummary(self._offset, self._blake.hexdigest(), dict(self._stream_bytes))
+        return ArchiveSummary(self._offset, self._blake.hexdigest(), dict(self._stream_bytes), header)
 
 
 def _count(value: Any) -> int:

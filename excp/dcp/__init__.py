@@ -1,0 +1,14 @@
+"""excp as a ``torch.distributed.checkpoint`` storage backend: every rank compresses
+its own shard, the coordinator commits the step all-or-nothing, and any number of
+ranks (or one process) loads it back.
+
+* :class:`ExcpStorageWriter` (:mod:`excp.dcp.writer`) and :class:`ExcpStorageReader`
+  (:mod:`excp.dcp.reader`) implement DCP's StorageWriter / StorageReader;
+* :mod:`excp.dcp.items` turns a rank's write items into a bundle (moments paired with
+  weights by FQN); :mod:`excp.dcp.records` is the store layout and commit record.
+"""
+
+from excp.dcp.reader import ExcpStorageReader, load_state_dict
+from excp.dcp.writer import ExcpStorageWriter
+
+__all__ = ["ExcpStorageReader", "ExcpStorageWriter", "load_state_dict"]

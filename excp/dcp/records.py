@@ -1,0 +1,196 @@
+"""Where a sharded run lives in a store, and the record that makes a step exist.
+
+Layout (next to an ordinary run's, under the same ``runs/<run>/``)::
+
+    runs/<run>/run.json                                        params, "kind": "sharded"
+    runs/<run>/dcp/steps/<step:012d>/rank-<r:05d>-<digest>.excp  rank r's archive
+    runs/<run>/dcp/steps/<step:012d>/rank-<r:05d>-<digest>.json  its record (a Commit)
+    runs/<run>/dcp/steps/<step:012d>/metadata-<digest>.pt        DCP's Metadata
+    runs/<run>/dcp/commits/<step:012d>.json                    the step's commit record
+
+Each rank writes its archive and its record (keys named by content, so a retried or
+crashed attempt never overwrites another's bytes); the coordinator writes DCP's
+metadata and then, with ``put_if_absent``, the commit record that names every rank's
+archive. A step exists iff its commit record does, so it is all ranks or nothing.
+Every rank keeps a chain of its own: its entry in step S names its parent step, whose
+commit record holds the rank's archive it was coded against.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint import metadata as dcp_metadata
+
+from excp.chain import RECORD_VERSION, Chain, Commit, validate_step
+from excp.errors import CorruptData, InvalidInput, NotFound
+from excp.store import Store
+
+KIND = "sharded"
+_METADATA_CLASSES = [dcp_metadata.Metadata, dcp_metadata.TensorStorageMetadata,
+                     dcp_metadata.BytesStorageMetadata, dcp_metadata.ChunkStorageMetadata,
+                     dcp_metadata.TensorProperties, dcp_metadata.MetadataIndex, dcp_metadata.StorageMeta,
+                     dcp_metadata._MEM_FORMAT_ENCODING]
+
+
+@dataclass(frozen=True)
+class ShardedCommit:
+    """One step of a sharded run: every rank's archive (as the rank's own ``Commit``)
+    and DCP's metadata."""
+
+    step: int
+    world_size: int
+    ranks: dict[int, Commit]
+    metadata: str
+    metadata_size: int
+    created_at: float = field(default_factory=time.time)
+    version: int = RECORD_VERSION
+
+    @property
+    def size(self) -> int:
+        return self.metadata_size + sum(c.size for c in self.ranks.values())
+
+    @property
+    def raw_bytes(self) -> int:
+        return sum(c.raw_bytes for c in self.ranks.values())
+
+    @property
+    def ratio(self) -> float:
+        return self.raw_bytes / max(self.size, 1)
+
+    def to_json(self) -> bytes:
+        fields = asdict(self)
+        fields["ranks"] = [{"rank": r, **asdict(c)} for r, c in sorted(self.ranks.items())]
+        return json.dumps(fields, sort_keys=True, indent=1).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, label: str) -> ShardedCommit:
+        try:
+            fields = json.loads(data)
+            if fields.get("version") != RECORD_VERSION:
+                raise CorruptData(f"{label}: commit record version {fields.get('version')!r} "
+                                  f"is not {RECORD_VERSION}: upgrade excp")
+            ranks = {int(entry.pop("rank")): Commit(**entry) for entry in fields.pop("ranks")}
+            return cls(ranks=ranks, **fields)
+        except (ValueError, TypeError, AttributeError, KeyError) as exc:
+            raise CorruptData(f"{label}: unreadable commit record ({exc}); run `excp verify`") from None
+
+
+class ShardedRun:
+    """A sharded run in a store: its records and keys (the run itself is a Chain's
+    ``run.json`` with ``kind: sharded``)."""
+
+    def __init__(self, store: Store, run: str) -> None:
+        self.chain = Chain(store, run)
+        self.store, self.run = store, self.chain.run
+        self._prefix = f"runs/{self.run}/dcp"
+
+    # --- keys ----------------------------------------------------------------------
+
+    def archive_key(self, step: int, rank: int, digest: str) -> str:
+        return f"{self._prefix}/steps/{step:012d}/rank-{rank:05d}-{digest}.excp"
+
+    def rank_record_key(self, step: int, rank: int, digest: str) -> str:
+        return f"{self._prefix}/steps/{step:012d}/rank-{rank:05d}-{digest}.json"
+
+    def metadata_key(self, step: int, digest: str) -> str:
+        return f"{self._prefix}/steps/{step:012d}/metadata-{digest}.pt"
+
+    def _commit_key(self, step: int) -> str:
+        return f"{self._prefix}/commits/{step:012d}.json"
+
+    # --- the run -------------------------------------------------------------------
+
+    def is_sharded(self) -> bool:
+        return self.chain.config().get("kind") == KIND
+
+    def ensure(self, params: Any) -> None:
+        """Create the run as a sharded one, or check that it is one."""
+        if not self.chain.exists():
+            self.chain.create(params, None, kind=KIND)
+        if not self.is_sharded():
+            raise InvalidInput(f"run {self.run!r} holds ordinary checkpoints, not "
+                               "torch.distributed.checkpoint saves: save to a new run name")
+
+    # --- commits -------------------------------------------------------------------
+
+    def commits(self) -> list[ShardedCommit]:
+        keys = self.store.list(f"{self._prefix}/commits/")
+        return [self._read(key) for key in keys if key.endswith(".json")]
+
+    def _read(self, key: str) -> ShardedCommit:
+        return ShardedCommit.from_json(self.store.get(key), f"run {self.run!r}, {key.rsplit('/', 1)[-1]}")
+
+    def commit(self, step: int) -> ShardedCommit:
+        key = self._commit_key(validate_step(step))
+        try:
+            return self._read(key)
+        except NotFound:
+            raise NotFound(f"run {self.run!r} has no step {step}: list its steps with "
+                           f"`excp ls --run {self.run}`") from None
+
+    def has(self, step: int) -> bool:
+        return self.store.exists(self._commit_key(validate_step(step)))
+
+    def resolve(self, step: int | str) -> ShardedCommit:
+        if step == "latest":
+            keys = self.store.list(f"{self._prefix}/commits/")
+            if not keys:
+                self.chain.config()
+                raise NotFound(f"run {self.run!r} has no checkpoints yet")
+            return self._read(keys[-1])
+        try:
+            return self.commit(int(step))
+        except (TypeError, ValueError):
+            raise InvalidInput(f"invalid step {step!r}: use a number or 'latest'") from None
+
+    def put_commit(self, commit: ShardedCommit) -> bool:
+        """Write the commit record; False if the step already has one."""
+        return self.store.put_if_absent(self._commit_key(commit.step), commit.to_json())
+
+    def rank_path(self, commit: ShardedCommit, rank: int) -> list[Commit]:
+        """Rank ``rank``'s archives to decode for ``commit``: its keyframe first."""
+        label = f"run {self.run!r} step {commit.step} rank {rank}"
+        if rank not in commit.ranks:
+            raise CorruptData(f"{label}: the step has no archive of that rank")
+        path = [commit.ranks[rank]]
+        while path[-1].parent is not None:
+            parent = path[-1].parent
+            try:
+                path.append(self.commit(parent).ranks[rank])
+            except (NotFound, KeyError):
+                raise CorruptData(f"{label}: it needs rank {rank} of step {parent}, which is missing; "
+                                  "restore another step") from None
+            if len(path) > len(self.store.list(f"{self._prefix}/commits/")):
+                raise CorruptData(f"{label}: the parents of the step form a cycle")
+        path.reverse()
+        return path
+
+    # --- DCP's metadata ------------------------------------------------------------
+
+    @staticmethod
+    def dump_metadata(metadata: dcp_metadata.Metadata) -> bytes:
+        buffer = io.BytesIO()
+        torch.save(metadata, buffer)
+        return buffer.getvalue()
+
+    def load_metadata(self, commit: ShardedCommit) -> dcp_metadata.Metadata:
+        """DCP's metadata of a step, unpickled with only DCP's metadata classes allowed."""
+        label = f"run {self.run!r} step {commit.step}"
+        try:
+            data = self.store.get(commit.metadata)
+        except NotFound:
+            raise CorruptData(f"{label}: its metadata {commit.metadata} is missing") from None
+        try:
+            with torch.serialization.safe_globals(_METADATA_CLASSES):
+                metadata = torch.load(io.BytesIO(data), weights_only=True)
+        except Exception as exc:  # noqa: BLE001 (torch.load raises anything on bad bytes)
+            raise CorruptData(f"{label}: unreadable metadata ({type(exc).__name__})") from None
+        if not isinstance(metadata, dcp_metadata.Metadata):
+            raise CorruptData(f"{label}: the metadata is a {type(metadata).__name__}")
+        return metadata

@@ -1,0 +1,219 @@
+"""``ExcpStorageWriter``: DCP saves each rank's shard as a compressed excp archive.
+
+DCP's call sequence (``torch.distributed.checkpoint.storage.StorageWriter``) and what
+this writer does at each call:
+
+1. all ranks ``set_up_storage_writer``: nothing to do;
+2. all ranks ``prepare_local_plan``: nothing to change;
+3. the coordinator ``prepare_global_plan``: create the run (or check it is a sharded
+   run and the step is new — a refusal here fails every rank before any data moves)
+   and tell each rank its number;
+4. all ranks ``write_data``: code the rank's items against the rank's previous
+   reconstruction (kept in this process's memory) and store the archive and its
+   record; every rank does this at once, on its own device;
+5. the coordinator ``finish``: store DCP's metadata, then the step's commit record,
+   with ``put_if_absent``. Only now does the step exist; a rank that died in 4 means
+   DCP never calls 5, and the previous step stays the latest.
+
+The reconstruction a rank keeps is used for its next save only if the step it
+belongs to was committed and the rank's tensors are laid out the same (same world
+size and sharding); otherwise the rank codes a keyframe and logs why. Memory: one
+reconstruction (the rank's weights) per rank, plus what DCP stages (``async_save``
+stages one copy of the state dict on the host).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
+from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
+from torch.futures import Future
+
+from excp.api import check_options
+from excp.bundle import Bundle, Role
+from excp.chain import Commit, Head, encode_archive, validate_step
+from excp.client.target import StoreTarget, Target, open_target
+from excp.codec.params import CodecParams, preset
+from excp.dcp import items
+from excp.dcp.records import ShardedCommit, ShardedRun
+from excp.errors import Conflict, CorruptData, InvalidInput, NotFound
+from excp.store import Store
+
+log = logging.getLogger("excp.dcp")
+
+_HEADS: dict[tuple[str, str, int], tuple[Head, dict]] = {}  # (store, run, rank) -> last save, its layout
+_HEADS_LOCK = threading.Lock()
+
+
+def store_of(target: str | Store | Target | None) -> Store:
+    """The store a sharded save goes to (each rank writes to it directly)."""
+    opened = open_target(target)
+    if not isinstance(opened, StoreTarget):
+        raise InvalidInput(f"{opened.url}: sharded saves write to a store directly (a directory or "
+                           "s3://BUCKET/PREFIX that every rank reaches), not through an excp service")
+    return opened.store
+
+
+def this_rank(kwargs: dict[str, Any]) -> int:
+    """The rank DCP names in its set-up call, else the process group's (0 alone)."""
+    rank = kwargs.get("rank")
+    if rank is not None:
+        return rank
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def no_checkpoint_id(checkpoint_id: str | os.PathLike | None, cls: str) -> None:
+    if checkpoint_id is not None:
+        raise InvalidInput(f"{cls} takes the run and step as arguments; drop checkpoint_id={checkpoint_id!r}")
+
+
+class ExcpStorageWriter(StorageWriter):
+    """Save step ``step`` of sharded run ``run`` to ``target`` (a store URL or Store),
+    every rank compressing its own shard::
+
+        dcp.save(state_dict, storage_writer=ExcpStorageWriter("s3://ckpts/team", "llm-7b", step))
+
+    ``preset`` sets the codec options of a new run (a name or :class:`CodecParams`);
+    an existing run keeps its own.
+    """
+
+    def __init__(self, target: str | Store | Target | None, run: str, step: int, *,
+                 preset: str | CodecParams | None = None) -> None:
+        super().__init__()
+        self.sharded = ShardedRun(store_of(target), run)
+        self.step = validate_step(step)
+        self.params = _params(preset)
+
+    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
+        no_checkpoint_id(checkpoint_id, "ExcpStorageWriter")
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
+        return False
+
+    def storage_meta(self) -> StorageMeta | None:
+        return StorageMeta(checkpoint_id=f"{self.sharded.store.url}#{self.sharded.run}/{self.step}")
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        """Nothing to set up: each rank learns its number from the global plan."""
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        self.sharded.ensure(self.params or CodecParams())
+        check_options(self.sharded.run, self.sharded.chain.params(), None, self.params, None)
+        if self.sharded.has(self.step):
+            raise Conflict(f"run {self.sharded.run!r} already has step {self.step}: save under a new step")
+        return [dataclasses.replace(plan, storage_data=rank) for rank, plan in enumerate(plans)]
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        rank: int = plan.storage_data
+        results: list[WriteResult] = []
+        if plan.items:
+            bundle, stored = items.to_bundle(plan.items, planner, self.step)
+            digest = self._write_rank(rank, bundle)
+            results = [WriteResult(index=item.index, size_in_bytes=_size(item), storage_data=(
+                rank, digest, stored[item.index])) for item in plan.items]
+        future: Future[list[WriteResult]] = Future()
+        future.set_result(results)
+        return future
+
+    def _write_rank(self, rank: int, bundle: Bundle) -> str:
+        """Code and store this rank's archive and record; returns the archive's digest."""
+        run, store = self.sharded.run, self.sharded.store
+        params = self.sharded.chain.params()
+        head = self._parent(rank, bundle)
+        with tempfile.TemporaryFile() as spool:
+            summary, recon = encode_archive(run, params, head.commit if head else None, bundle, self.step,
+                                            spool, lambda _: head.recon)
+            key = self.sharded.archive_key(self.step, rank, summary.digest)
+            spool.seek(0)
+            store.put(key, spool)
+        commit = Commit.of_archive(summary.header, key, summary.digest, summary.size,
+                                   head.commit if head else None)
+        store.put(self.sharded.rank_record_key(self.step, rank, summary.digest), commit.to_json())
+        remember(store, run, rank, Head(commit, recon), bundle)
+        return summary.digest
+
+    def _parent(self, rank: int, bundle: Bundle) -> Head | None:
+        """The reconstruction this rank codes against, or None for a keyframe."""
+        with _HEADS_LOCK:
+            head, layout = _HEADS.get((self.sharded.store.url, self.sharded.run, rank), (None, None))
+        label = f"excp: run {self.sharded.run} rank {rank} step {self.step}"
+        if head is None:
+            log.info("%s: keyframe, because this process holds no earlier step of this rank (a new "
+                     "job, or one that loaded on another topology)", label)
+            return None
+        try:
+            committed = self.sharded.commit(head.commit.step).ranks.get(rank)
+        except NotFound:
+            committed = None
+        if committed is None or committed.digest != head.commit.digest:
+            log.warning("%s: keyframe, because this rank's last save (step %d) was never committed",
+                        label, head.commit.step)
+            return None
+        if _layout(bundle) != layout:
+            log.warning("%s: keyframe, because the sharding changed since step %d (world size or "
+                        "parallelism)", label, head.commit.step)
+            return None
+        device = next((e.tensor.device for e in bundle.tensors.values()), None)
+        if device is not None and any(t.device != device for t in head.recon.values()):
+            head = Head(head.commit, {name: t.to(device) for name, t in head.recon.items()})
+        return head
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        store = self.sharded.store
+        metadata.storage_data = {r.index: r.storage_data for rank_results in results for r in rank_results}
+        data = ShardedRun.dump_metadata(metadata)
+        key = self.sharded.metadata_key(self.step, hashlib.blake2b(data, digest_size=16).hexdigest())
+        store.put(key, data)
+        ranks: dict[int, Commit] = {}
+        for rank, digest in sorted({r.storage_data[:2] for rank_results in results for r in rank_results}):
+            record_key = self.sharded.rank_record_key(self.step, rank, digest)
+            try:
+                ranks[rank] = Commit.from_json(store.get(record_key), record_key)
+            except NotFound:
+                raise CorruptData(f"run {self.sharded.run!r} step {self.step}: rank {rank}'s record "
+                                  "vanished before the commit; save the step again") from None
+        commit = ShardedCommit(step=self.step, world_size=len(results), ranks=ranks, metadata=key,
+                               metadata_size=len(data))
+        if not self.sharded.put_commit(commit):
+            raise Conflict(f"run {self.sharded.run!r}: another save committed step {self.step} first")
+        log.info("excp: run %s step %d committed: %d ranks, %.1fx", self.sharded.run, self.step,
+                 len(ranks), commit.ratio)
+
+
+def remember(store: Store, run: str, rank: int, head: Head, bundle: Bundle) -> None:
+    """Keep ``head`` as the parent of this process's next save of ``rank`` (the writer
+    after a save; the reader after loading the rank's own shard, so that a job resumed
+    on the same topology goes on with links rather than a keyframe)."""
+    with _HEADS_LOCK:
+        _HEADS[(store.url, run, rank)] = (head, _layout(bundle))
+
+
+def _layout(bundle: Bundle) -> dict[str, tuple[torch.Size, torch.dtype, Role]]:
+    """Every tensor's name, shape, dtype and role: equal between two saves of a rank
+    exactly when the world size and the sharding stayed the same."""
+    return {e.name: (e.tensor.shape, e.tensor.dtype, e.role) for e in bundle.tensors.values()}
+
+
+def _size(item: Any) -> int:
+    if item.type == WriteItemType.BYTE_IO or item.tensor_data is None:
+        return 0
+    dtype = item.tensor_data.properties.dtype
+    return int(torch.Size(item.tensor_data.chunk.sizes).numel()) * dtype.itemsize
+
+
+def _params(chosen: str | CodecParams | None) -> CodecParams | None:
+    return preset(chosen) if isinstance(chosen, str) else chosen
+

@@ -1,0 +1,132 @@
+"""The ranks of tests/test_dcp.py: each function runs in a spawned process of a gloo
+process group on CPU and writes what it saw to a JSON file for the test to check."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.fsdp import fully_shard
+
+from excp.dcp import ExcpStorageReader, ExcpStorageWriter
+
+WIDTH = 64
+
+
+def _join(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+
+
+def _leave() -> None:
+    """Every rank waits for the others before tearing the group down: a rank that
+    exits while a peer still finishes an async save's collectives made the process
+    abort at exit now and then (1 run in 5-10, in the C++ teardown)."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _model() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(WIDTH, 4 * WIDTH), torch.nn.GELU(),
+                                torch.nn.Linear(4 * WIDTH, WIDTH), torch.nn.LayerNorm(WIDTH))
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    return model, torch.optim.AdamW(model.parameters(), lr=3e-3)
+
+
+def _train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int, seed: int) -> float:
+    data = torch.randn(32, WIDTH, generator=torch.Generator().manual_seed(seed))
+    target = torch.tanh(data.flip(1))
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(data), target)
+        loss.backward()
+        optimizer.step()
+    return loss.item()
+
+
+def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    model_state, optim_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optim": optim_state}
+
+
+def _capture_logs(path: Path) -> None:
+    handler = logging.FileHandler(path)
+    logging.getLogger("excp.dcp").addHandler(handler)
+    logging.getLogger("excp.dcp").setLevel(logging.INFO)
+
+
+def save_chain(rank: int, world: int, port: int, store: str, plain: str, steps: list[int],
+               out: str, async_last: bool = False) -> None:
+    """Train and save ``steps`` with excp and, for comparison, uncompressed DCP."""
+    _join(rank, world, port)
+    _capture_logs(Path(out) / f"log-{world}-{rank}.txt")
+    model, optimizer = _model()
+    done = 0
+    for i, step in enumerate(steps):
+        _train(model, optimizer, step - done, seed=step)
+        done = step
+        state = _state(model, optimizer)
+        writer = ExcpStorageWriter(store, "fsdp", step)
+        if async_last and i == len(steps) - 1:
+            dcp.async_save(state, storage_writer=writer).result()
+        else:
+            dcp.save(state, storage_writer=writer)
+        dcp.save(state, checkpoint_id=f"{plain}/{step}")
+    _leave()
+
+
+def load_and_continue(rank: int, world: int, port: int, store: str, plain: str, step: int, next_step: int,
+                      out: str) -> None:
+    """Load ``step`` on ``world`` ranks from excp and from the uncompressed copy, compare,
+    then train on and save ``next_step`` with this topology."""
+    _join(rank, world, port)
+    _capture_logs(Path(out) / f"log-{world}-{rank}.txt")
+    model, optimizer = _model()
+    state = _state(model, optimizer)
+    dcp.load(state, storage_reader=ExcpStorageReader(store, "fsdp", step))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    reference_model, reference_optimizer = _model()
+    reference = _state(reference_model, reference_optimizer)
+    dcp.load(reference, checkpoint_id=f"{plain}/{step}")
+    errors = {}
+    for name, tensor in state["model"].items():
+        got, want = tensor.full_tensor(), reference["model"][name].full_tensor()
+        errors[name] = float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
+    loss = _train(model, optimizer, next_step - step, seed=next_step)
+    dcp.save(_state(model, optimizer), storage_writer=ExcpStorageWriter(store, "fsdp", next_step))
+    if rank == 0:
+        (Path(out) / f"load-{world}.json").write_text(json.dumps({"errors": errors, "loss": loss}))
+    _leave()
+
+
+class _Dying(ExcpStorageWriter):
+    """Rank 1 dies (as a killed process does) half-way through writing its shard."""
+
+    def _write_rank(self, rank: int, bundle: Any) -> str:
+        if rank == 1:
+            os._exit(17)
+        return super()._write_rank(rank, bundle)
+
+
+def save_and_die(rank: int, world: int, port: int, store: str, steps: list[int]) -> None:
+    """Commit ``steps[:-1]``, then lose rank 1 while saving ``steps[-1]``."""
+    _join(rank, world, port)
+    model, optimizer = _model()
+    for step in steps:
+        _train(model, optimizer, 2, seed=step)
+        writer = (_Dying if step == steps[-1] else ExcpStorageWriter)(store, "dying", step)
+        dcp.save(_state(model, optimizer), storage_writer=writer)
+    _leave()

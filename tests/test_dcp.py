@@ -1,0 +1,217 @@
+"""excp as a torch.distributed.checkpoint backend: FSDP2 on CPU with gloo, 4 and 2
+ranks spawned by the tests, compared with an uncompressed DCP save of the same steps."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+import torch.multiprocessing as mp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torch.distributed.checkpoint.state_dict import get_state_dict
+
+from excp import api
+from excp.dcp import ExcpStorageReader, ExcpStorageWriter, load_state_dict
+from excp.dcp.records import ShardedRun
+from excp.errors import InvalidInput
+from excp.store import LocalStore
+from tests import dcp_workers
+
+STEPS = [3, 6, 9]
+
+
+def _port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _spawn(fn: Callable, world: int, *args: object, deadline: float = 240) -> list[int | None]:
+    """Run ``fn(rank, world, port, *args)`` on ``world`` processes; their exit codes
+    (None for one still running at the deadline, which is then killed)."""
+    context = mp.start_processes(fn, args=(world, _port(), *args), nprocs=world, join=False,
+                                 start_method="spawn")
+    end = time.monotonic() + deadline
+    for process in context.processes:
+        process.join(max(0.0, end - time.monotonic()))
+    codes = [p.exitcode for p in context.processes]
+    for process in context.processes:
+        if process.is_alive():
+            process.kill()
+            process.join()
+    return codes
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Steps 3, 6, 9 of a 4-rank FSDP2 run, saved by excp (the last with async_save) and
+    by plain DCP."""
+    root = tmp_path_factory.mktemp("dcp")
+    codes = _spawn(dcp_workers.save_chain, 4, str(root / "store"), str(root / "plain"), STEPS, str(root),
+                   True)
+    assert codes == [0, 0, 0, 0]
+    return root
+
+
+def _copy(saved: Path, tmp_path: Path) -> Path:
+    shutil.copytree(saved / "store", tmp_path / "store")
+    return tmp_path
+
+
+def _plain(path: Path, tmp_path: Path) -> dict:
+    """An uncompressed DCP save as one state dict, by torch's own converter."""
+    dcp_to_torch_save(path, tmp_path / "plain.pt")
+    return torch.load(tmp_path / "plain.pt", weights_only=True)
+
+
+def _tensors(tree: object, prefix: str = "") -> dict[str, torch.Tensor]:
+    if isinstance(tree, torch.Tensor):
+        return {prefix: tree}
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in _tensors(value, f"{prefix}/{key}").items()}
+    if isinstance(tree, list | tuple):
+        return {k: v for i, value in enumerate(tree) for k, v in _tensors(value, f"{prefix}/{i}").items()}
+    return {}
+
+
+def test_a_chain_saved_on_4_ranks(saved: Path) -> None:
+    run = ShardedRun(LocalStore(saved / "store"), "fsdp")
+    commits = run.commits()
+    assert [c.step for c in commits] == STEPS and all(c.world_size == 4 for c in commits)
+    assert all(r.keyframe for r in commits[0].ranks.values())
+    for previous, commit in zip(commits, commits[1:], strict=False):
+        assert sorted(commit.ranks) == [0, 1, 2, 3]
+        assert all(r.parent == previous.step and not r.keyframe for r in commit.ranks.values())
+    plain = sum(f.stat().st_size for f in (saved / "plain" / "9").iterdir())
+    assert commits[-1].size * 5 < plain  # links are several times smaller than DCP's own files
+
+
+def test_one_process_restores_a_sharded_step(saved: Path, tmp_path: Path) -> None:
+    store = LocalStore(saved / "store")
+    got = load_state_dict(store, "fsdp", 9)
+    want = _plain(saved / "plain" / "9", tmp_path)
+    got_t, want_t = _tensors(got), _tensors(want)
+    assert got_t.keys() == want_t.keys()
+    for name, tensor in want_t.items():
+        assert got_t[name].shape == tensor.shape and got_t[name].dtype == tensor.dtype, name
+        if "/model/" in name:
+            error = (got_t[name] - tensor).abs().max() / tensor.abs().max().clamp_min(1e-12)
+            assert error < 0.25, (name, float(error))
+        if name.endswith("/step"):
+            assert torch.equal(got_t[name], tensor), name
+    assert got["optim"]["param_groups"] == want["optim"]["param_groups"]
+
+    out = tmp_path / "step-9.pt"
+    done = subprocess.run([sys.executable, "-c", "from excp.cli import main; main()", "restore",
+                           "--run", "fsdp", "--step", "9", "-o", str(out), "--store", str(saved / "store")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    written = torch.load(out, weights_only=True)
+    for name, tensor in _tensors(written).items():
+        assert torch.equal(tensor, got_t[name]), name
+
+
+@pytest.mark.slow
+def test_load_on_2_ranks_and_go_on_with_a_keyframe(saved: Path, tmp_path: Path) -> None:
+    root = _copy(saved, tmp_path)
+    codes = _spawn(dcp_workers.load_and_continue, 2, str(root / "store"), str(saved / "plain"), 9, 12,
+                   str(root))
+    assert codes == [0, 0]
+    seen = json.loads((root / "load-2.json").read_text())
+    assert max(seen["errors"].values()) < 0.25 and seen["loss"] == seen["loss"]
+    commit = ShardedRun(LocalStore(root / "store"), "fsdp").commit(12)
+    assert commit.world_size == 2 and all(r.keyframe for r in commit.ranks.values())
+    logs = "".join(p.read_text() for p in root.glob("log-2-*.txt"))
+    assert "keyframe, because the sharding changed since step 9" in logs
+
+
+@pytest.mark.slow
+def test_load_on_the_same_4_ranks_and_go_on_with_links(saved: Path, tmp_path: Path) -> None:
+    root = _copy(saved, tmp_path)
+    codes = _spawn(dcp_workers.load_and_continue, 4, str(root / "store"), str(saved / "plain"), 9, 12,
+                   str(root))
+    assert codes == [0, 0, 0, 0]
+    assert max(json.loads((root / "load-4.json").read_text())["errors"].values()) < 0.25
+    commit = ShardedRun(LocalStore(root / "store"), "fsdp").commit(12)
+    assert all(r.parent == 9 and not r.keyframe for r in commit.ranks.values())
+
+
+@pytest.mark.slow
+def test_a_rank_dying_mid_save_leaves_no_commit(tmp_path: Path) -> None:
+    codes = _spawn(dcp_workers.save_and_die, 2, str(tmp_path / "store"), [2, 4], deadline=150)
+    assert codes[1] == 17 and codes[0] != 0
+    run = ShardedRun(LocalStore(tmp_path / "store"), "dying")
+    assert [c.step for c in run.commits()] == [2]
+    state = load_state_dict(run.store, "dying", "latest")
+    assert state["optim"]["state"]  # the previous step restores whole
+
+
+# --- one process, no process group: pairing, options, bad input ----------------------------
+
+
+def _plain_model() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(4, 16)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def test_moments_pair_with_their_weights_by_name(tmp_path: Path) -> None:
+    model, optimizer = _plain_model()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    model.register_buffer("scale", torch.ones(3))  # not in get_state_dict's copy: added below
+    state = {"model": {**model_state, "scale": torch.ones(3)}, "optim": optim_state}
+    dcp.save(state, storage_writer=ExcpStorageWriter(str(tmp_path / "s"), "pairs", 1))
+    info = api.inspect_archive(tmp_path / "s" / ShardedRun(LocalStore(tmp_path / "s"), "pairs")
+                               .commit(1).ranks[0].archive)
+    roles = {t["name"]: (t["role"], t.get("param")) for unit in info["units"] for t in unit["tensors"]}
+    assert roles["model.0.weight|0,0"] == ("weight", None)
+    assert roles["model.0.weight|0,0@exp_avg_sq"] == ("exp_avg_sq", "model.0.weight|0,0")
+    assert roles["model.scale|0"][0] == "other"  # no optimizer state: a buffer, stored bit-exact
+    assert roles["optim.state.0.weight.step|"][0] == "other"
+
+    restored = api.load_dict(api.restore("pairs", 1, store=str(tmp_path / "s")))
+    assert torch.equal(restored["model"]["scale"], torch.ones(3))
+    assert restored["optim"]["param_groups"] == optim_state["param_groups"]
+    loaded = {"model": {**model_state}, "optim": optim_state}
+    dcp.load(loaded, storage_reader=ExcpStorageReader(str(tmp_path / "s"), "pairs", "latest"))
+
+
+def test_bad_input(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    model, optimizer = _plain_model()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    store = str(tmp_path / "s")
+    # DCP reports what a storage writer raised during a save inside a CheckpointException
+    with pytest.raises(CheckpointException, match="InvalidInput: optimizer state .* fits several tensors"):
+        dcp.save({"model": model_state, "ema": {k: v.clone() for k, v in model_state.items()},
+                  "optim": optim_state}, storage_writer=ExcpStorageWriter(store, "ambiguous", 1))
+    dcp.save({"model": model_state, "optim": optim_state}, storage_writer=ExcpStorageWriter(store, "r", 1))
+    with pytest.raises(CheckpointException, match="Conflict: run 'r' already has step 1"):
+        dcp.save({"model": model_state}, storage_writer=ExcpStorageWriter(store, "r", 1))
+    with pytest.raises(InvalidInput, match="not through an excp service"):
+        ExcpStorageWriter("excp://127.0.0.1:9", "r", 2)
+    with pytest.raises(InvalidInput, match="drop checkpoint_id"):
+        dcp.save({"model": model_state}, checkpoint_id=str(tmp_path / "x"),
+                 storage_writer=ExcpStorageWriter(store, "r", 2))
+    api.push({"model": model_state}, "plain-run", step=1, store=store)
+    with pytest.raises(CheckpointException, match="holds ordinary checkpoints"):
+        dcp.save({"model": model_state}, storage_writer=ExcpStorageWriter(store, "plain-run", 2))
+    with caplog.at_level(logging.INFO, logger="excp.dcp"):
+        dcp.save({"model": model_state, "optim": optim_state},
+                 storage_writer=ExcpStorageWriter(store, "r", 2))
+    assert "run r step 2 committed" in caplog.text
+    assert api.restore("r", 2, store=store).step == 2
+    assert ShardedRun(LocalStore(tmp_path / "s"), "r").commit(2).ranks[0].parent == 1
