@@ -167,7 +167,7 @@ def restore(run: str, step: int | str = "latest", out: str | Path | None = None,
     """Reconstruct ``step`` (or ``latest``); write it to ``out`` in the layout it was
     pushed in, if given. Returns the bundle."""
     chain = Chain(_store(store), run)
-    if chain.config().get("kind") == "sharded":
+    if _is_sharded(chain):
         bundle = _sharded_bundle(chain, step, device)
     else:
         bundle, _ = chain.restore(chain.resolve(step), _device(device), _base_for(base), progress)
@@ -203,9 +203,18 @@ def list_runs(store: str | Store | None = None) -> list[str]:
 
 
 def list_commits(run: str, store: str | Store | None = None) -> list[Commit]:
+    """The run's commit records in step order (for a sharded run, one summary row per
+    step: see :meth:`excp.dcp.records.ShardedCommit.summary`)."""
     chain = Chain(_store(store), run)
-    chain.config()
+    if _is_sharded(chain):
+        from excp.dcp.records import ShardedRun
+
+        return [c.summary() for c in ShardedRun(chain.store, run).commits()]
     return chain.commits()
+
+
+def _is_sharded(chain: Chain) -> bool:
+    return chain.config().get("kind") == "sharded"
 
 
 def inspect_archive(path: str | Path | None = None, *, run: str | None = None,
@@ -244,7 +253,8 @@ def _describe(reader: ArchiveReader) -> dict[str, Any]:
 
 def rebuild(run: str, out_dir: str | Path, *, store: str | Store | None = None,
             base: BaseSpec | None = None, progress: Progress = None) -> list[Path]:
-    """Write every checkpoint of the run, in step order, decoding each link once."""
+    """Write every checkpoint of the run, in step order, decoding each link once (the
+    steps of a sharded run are each assembled whole, as ``restore`` does)."""
     chain = Chain(_store(store), run)
     chain.config()
     out = Path(out_dir)
@@ -252,6 +262,13 @@ def rebuild(run: str, out_dir: str | Path, *, store: str | Store | None = None,
         raise InvalidInput(f"{out} exists and is not an empty directory: pick a new output directory")
     out.mkdir(parents=True, exist_ok=True)
     written = []
+    if _is_sharded(chain):
+        for row in list_commits(run, chain.store):
+            written.append(save_checkpoint(_sharded_bundle(chain, row.step, "cpu"),
+                                           out / f"step-{row.step:012d}.pt"))
+            if progress:
+                progress(1)
+        return written
     for commit, bundle in chain.replay(_base_for(base)):
         suffix = "" if bundle.layout == "hf_trainer" else ".pt"
         written.append(save_checkpoint(bundle, out / f"step-{commit.step:012d}{suffix}"))
@@ -270,7 +287,10 @@ def verify(run: str, *, store: str | Store | None = None, base: BaseSpec | None 
            progress: Progress = None) -> VerifyReport:
     """Check every archive's checksums and that every link decodes, in chain order."""
     chain = Chain(_store(store), run)
-    chain.config()
+    if _is_sharded(chain):
+        from excp.dcp.reader import verify as verify_sharded
+
+        return VerifyReport(*verify_sharded(chain.store, run, progress))
     report = VerifyReport(0, 0)
     for commit, _ in chain.replay(_base_for(base), weights_only=True):
         with chain.store.open_read(commit.archive) as handle:

@@ -215,3 +215,45 @@ def test_bad_input(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     assert "run r step 2 committed" in caplog.text
     assert api.restore("r", 2, store=store).step == 2
     assert ShardedRun(LocalStore(tmp_path / "s"), "r").commit(2).ranks[0].parent == 1
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "from excp.cli import main; main()", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_ls_verify_and_rebuild_a_sharded_run(saved: Path, tmp_path: Path) -> None:
+    root = _copy(saved, tmp_path)
+    store = str(root / "store")
+    listed = _cli("ls", "--run", "fsdp", "--store", store)
+    rows = [line.split() for line in listed.stdout.splitlines()[1:]]
+    assert listed.returncode == 0 and [(r[0], r[1], r[2]) for r in rows] == \
+        [("3", "keyframe", "-"), ("6", "link", "3"), ("9", "link", "6")]
+    verified = _cli("verify", "--run", "fsdp", "--store", store)
+    assert verified.returncode == 0 and "ok: 3 checkpoints" in verified.stdout, verified.stderr
+    rebuilt = _cli("rebuild", "--run", "fsdp", "-o", str(root / "all"), "--store", store)
+    assert rebuilt.returncode == 0 and "wrote 3 checkpoints" in rebuilt.stdout, rebuilt.stderr
+    six = torch.load(root / "all" / f"step-{6:012d}.pt", weights_only=True)
+    for name, tensor in _tensors(load_state_dict(LocalStore(root / "store"), "fsdp", 6)).items():
+        assert torch.equal(_tensors(six)[name], tensor), name
+
+    archive = root / "store" / ShardedRun(LocalStore(root / "store"), "fsdp").commit(6).ranks[2].archive
+    data = bytearray(archive.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    archive.write_bytes(bytes(data))
+    broken = _cli("verify", "--run", "fsdp", "--store", store)
+    assert broken.returncode == 5 and "[corrupt_data]" in broken.stderr and "Traceback" not in broken.stderr
+
+
+@pytest.mark.slow
+def test_the_torchrun_example_saves_and_resumes(tmp_path: Path) -> None:
+    example = Path(__file__).parent.parent / "examples" / "dcp_fsdp.py"
+    runs = [subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                            "--master-port", str(_port()), str(example), str(tmp_path / "store")],
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path) for _ in range(2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-3000:]
+    assert "resumed from step 0; steps [20, 40, 60]" in runs[0].stdout
+    assert "resumed from step 60; steps [20, 40, 60, 80, 100, 120]" in runs[1].stdout
+    commit = ShardedRun(LocalStore(tmp_path / "store"), "fsdp-example").commit(80)
+    assert all(r.parent == 60 for r in commit.ranks.values())  # resumed on 2 ranks: links go on

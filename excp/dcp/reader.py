@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,9 +30,11 @@ from torch.futures import Future
 from excp.bundle import Bundle
 from excp.chain import Head
 from excp.client.target import Target
+from excp.codec.pipeline import Reconstruction
 from excp.dcp.records import ShardedCommit, ShardedRun
 from excp.dcp.writer import no_checkpoint_id, remember, store_of, this_rank
 from excp.errors import CorruptData
+from excp.format.container import ArchiveReader
 from excp.store import Store
 
 
@@ -103,15 +106,21 @@ class ExcpStorageReader(StorageReader):
         return future
 
     def _decode(self, rank: int) -> Bundle:
-        """Saved rank ``rank``'s shard at the step: its chain decoded from its keyframe."""
-        path = self.sharded.rank_path(self.commit, rank)
-        recon = None
-        for i, commit in enumerate(path):
-            last = i == len(path) - 1
-            bundle, recon = self.sharded.chain.read(commit, recon, self.device, weights_only=not last)
+        """Saved rank ``rank``'s shard at the step, decoded from its keyframe."""
+        bundle, recon = _decoded(self.sharded, self.commit, rank, self.device)
         if rank == self.rank and torch.distributed.is_initialized():
-            remember(self.sharded.store, self.sharded.run, rank, Head(path[-1], recon), bundle)
+            remember(self.sharded.store, self.sharded.run, rank, Head(self.commit.ranks[rank], recon), bundle)
         return bundle
+
+
+def _decoded(sharded: ShardedRun, commit: ShardedCommit, rank: int,
+             device: torch.device) -> tuple[Bundle, Reconstruction]:
+    """Rank ``rank``'s chain decoded up to ``commit``: its keyframe, then each link."""
+    path = sharded.rank_path(commit, rank)
+    recon = None
+    for i, entry in enumerate(path):
+        bundle, recon = sharded.chain.read(entry, recon, device, weights_only=i < len(path) - 1)
+    return bundle, recon
 
 
 def _serve(request: Any, name: str, shard: Bundle, planner: LoadPlanner, label: str) -> None:
@@ -133,6 +142,33 @@ def _serve(request: Any, name: str, shard: Bundle, planner: LoadPlanner, label: 
                           f"{tuple(target.shape)} is wanted")
     target.copy_(piece)
     planner.commit_tensor(request, target)
+
+
+def verify(store: Store, run: str, progress: Callable[[int], None] | None = None) -> tuple[int, int]:
+    """Check every step of a sharded run: its metadata loads, every rank's archive
+    passes its checksums and decodes against its parent. Each rank's chain is decoded
+    once, in step order. Returns (steps, bytes checked)."""
+    sharded = ShardedRun(store, run)
+    last: dict[int, tuple[int, Reconstruction]] = {}
+    steps = checked = 0
+    for commit in sharded.commits():
+        sharded.load_metadata(commit)
+        for rank, entry in sorted(commit.ranks.items()):
+            label = f"run {run!r} step {commit.step} rank {rank}"
+            with store.open_read(entry.archive) as handle:
+                ArchiveReader(handle, entry.size, label).verify()
+            if entry.parent is None:
+                parent = None
+            elif rank in last and last[rank][0] == entry.parent:
+                parent = last[rank][1]
+            else:
+                parent = _decoded(sharded, sharded.commit(entry.parent), rank, torch.device("cpu"))[1]
+            last[rank] = (commit.step, sharded.chain.read(entry, parent, "cpu", weights_only=True)[1])
+        steps += 1
+        checked += commit.size
+        if progress:
+            progress(1)
+    return steps, checked
 
 
 def load_state_dict(store: Store, run: str, step: int | str = "latest", device: str = "cpu") -> dict:

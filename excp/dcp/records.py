@@ -63,6 +63,16 @@ class ShardedCommit:
     def ratio(self) -> float:
         return self.raw_bytes / max(self.size, 1)
 
+    def summary(self) -> Commit:
+        """The step as one row of ``excp ls``: sizes summed over ranks, a keyframe if every
+        rank coded one, the parent of rank 0; no single archive or digest."""
+        first = self.ranks[min(self.ranks)]
+        return Commit(step=self.step, archive=self.metadata, digest="", size=self.size, parent=first.parent,
+                      keyframe=all(c.keyframe for c in self.ranks.values()),
+                      depth=max(c.depth for c in self.ranks.values()),
+                      num_parameters=sum(c.num_parameters for c in self.ranks.values()),
+                      raw_bytes=self.raw_bytes, input_digest="", created_at=self.created_at)
+
     def to_json(self) -> bytes:
         fields = asdict(self)
         fields["ranks"] = [{"rank": r, **asdict(c)} for r, c in sorted(self.ranks.items())]
