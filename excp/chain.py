@@ -26,7 +26,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, BinaryIO, NamedTuple
+from typing import Any, BinaryIO, NamedTuple, TypeVar
 
 import torch
 
@@ -40,6 +40,7 @@ from excp.store import Store
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 RECORD_VERSION = 1
 MAX_STEP = 10**12 - 1
+T = TypeVar("T")
 
 
 def validate_run(run: str) -> str:
@@ -54,6 +55,19 @@ def validate_step(step: int) -> int:
     if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEP:
         raise InvalidInput(f"invalid step {step!r}: use an integer from 0 to {MAX_STEP}")
     return step
+
+
+def read_record(data: bytes, label: str, build: Callable[[dict[str, Any]], T]) -> T:
+    """A JSON commit record of this version, built by ``build``; anything malformed is
+    CorruptData naming the record."""
+    try:
+        fields = json.loads(data)
+        if fields.get("version") != RECORD_VERSION:
+            raise CorruptData(f"{label}: commit record version {fields.get('version')!r} "
+                              f"is not {RECORD_VERSION}: upgrade excp")
+        return build(fields)
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        raise CorruptData(f"{label}: unreadable commit record ({exc}); run `excp verify`") from None
 
 
 @dataclass(frozen=True)
@@ -93,14 +107,7 @@ class Commit:
 
     @classmethod
     def from_json(cls, data: bytes, label: str) -> Commit:
-        try:
-            fields = json.loads(data)
-            if fields.get("version") != RECORD_VERSION:
-                raise CorruptData(f"{label}: commit record version {fields.get('version')!r} "
-                                  f"is not {RECORD_VERSION}: upgrade excp")
-            return cls(**fields)
-        except (ValueError, TypeError, AttributeError) as exc:
-            raise CorruptData(f"{label}: unreadable commit record ({exc}); run `excp verify`") from None
+        return read_record(data, label, lambda fields: cls(**fields))
 
 
 @dataclass(frozen=True)

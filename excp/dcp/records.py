@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint import metadata as dcp_metadata
 
-from excp.chain import RECORD_VERSION, Chain, Commit, validate_step
+from excp.chain import RECORD_VERSION, Chain, Commit, read_record, validate_step
 from excp.errors import CorruptData, InvalidInput, NotFound
 from excp.store import Store
 
@@ -85,15 +85,10 @@ class ShardedCommit:
 
     @classmethod
     def from_json(cls, data: bytes, label: str) -> ShardedCommit:
-        try:
-            fields = json.loads(data)
-            if fields.get("version") != RECORD_VERSION:
-                raise CorruptData(f"{label}: commit record version {fields.get('version')!r} "
-                                  f"is not {RECORD_VERSION}: upgrade excp")
+        def build(fields: dict[str, Any]) -> ShardedCommit:
             ranks = {int(entry.pop("rank")): Commit(**entry) for entry in fields.pop("ranks")}
             return cls(ranks=ranks, **fields)
-        except (ValueError, TypeError, AttributeError, KeyError) as exc:
-            raise CorruptData(f"{label}: unreadable commit record ({exc}); run `excp verify`") from None
+        return read_record(data, label, build)
 
 
 class ShardedRun:
