@@ -278,6 +278,34 @@ def rebuild(run: str, out_dir: str | Path, *, store: str | Store | None = None,
 
 
 @dataclass
+class GcReport:
+    keys: list[str]
+    bytes: int
+
+
+def gc(run: str | None = None, *, store: str | Store | None = None, dry_run: bool = False) -> GcReport:
+    """Delete what no commit record needs (every run, or ``run``): archives of pushes
+    that died before their commit. Committed data is never touched, and a push in
+    progress (its step after the head) is left alone, so gc may run beside writers."""
+    st = _store(store)
+    report = GcReport([], 0)
+    for name in [run] if run is not None else list_runs(st):
+        chain = Chain(st, name)
+        if _is_sharded(chain):
+            from excp.dcp.records import ShardedRun
+
+            keys = ShardedRun(st, name).garbage()
+        else:
+            keys = chain.garbage()
+        for key in keys:
+            report.bytes += st.size(key)
+            if not dry_run:
+                st.delete(key)
+        report.keys += keys
+    return report
+
+
+@dataclass
 class VerifyReport:
     checkpoints: int
     bytes_checked: int

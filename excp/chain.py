@@ -57,6 +57,12 @@ def validate_step(step: int) -> int:
     return step
 
 
+def _step_of(key: str) -> int | None:
+    """The step in a key named ``.../<step:012d>-<digest>.<suffix>``."""
+    head = key.rsplit("/", 1)[-1].split("-", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
 def read_record(data: bytes, label: str, build: Callable[[dict[str, Any]], T]) -> T:
     """A JSON commit record of this version, built by ``build``; anything malformed is
     CorruptData naming the record."""
@@ -347,7 +353,22 @@ class Chain:
         commit = Commit.of_archive(header, key, digest, size, head)
         if not self.store.put_if_absent(self._commit_key(step), commit.to_json()):
             return self._repush(step, header["input_digest"])
+        if not self.store.exists(key):  # `excp gc` ran between the two puts (another writer moved the head)
+            self.store.delete(self._commit_key(step))
+            raise Conflict(f"{label}: the archive was collected as garbage while this push committed "
+                           "(another writer moved the head past it); push again")
         return PushResult(commit, True, summary.stream_bytes if summary else {})
+
+    def garbage(self) -> list[str]:
+        """Keys no commit record needs: archives of steps up to the head that no commit
+        names (a push that died before its commit, a losing racer). Archives after the
+        head are left alone: a push in progress writes one before its commit."""
+        commits = self.commits()
+        if not commits:
+            return []
+        named = {c.archive for c in commits}
+        return [key for key in self.store.list(f"{self._prefix}/archives/")
+                if key not in named and _step_of(key) is not None and _step_of(key) <= commits[-1].step]
 
     def adopt(self, commit: Commit, archive: BinaryIO | None = None) -> None:
         """Store a commit record exactly as another store holds it, with its archive if

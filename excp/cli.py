@@ -250,6 +250,20 @@ def verify(run: str, target: Target, init_seed: int | None, model_factory: str |
 
 
 @main.command()
+@click.option("--run", default=None, help="Only this run (default: every run).")
+@click.option("--dry-run", is_flag=True, help="List what would be deleted; delete nothing.")
+@store_option
+@_fail_cleanly
+def gc(run: str | None, dry_run: bool, store: str | None) -> None:
+    """Delete archives that no commit record names (pushes that died before committing)."""
+    report = api.gc(run, store=store, dry_run=dry_run)
+    for key in report.keys:
+        click.echo(key)
+    verb = "would delete" if dry_run else "deleted"
+    click.echo(f"{verb} {len(report.keys)} unreferenced objects, {_human(report.bytes)}")
+
+
+@main.command()
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Directory for bench.md, bench.json and the plots (made if needed).")
 @click.option("--quick", is_flag=True, help="Tiny model, 200 steps, a checkpoint every 40: about a minute.")

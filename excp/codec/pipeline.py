@@ -125,12 +125,34 @@ def _tensor_spec(spec: dict[str, Any], label: str) -> tuple[Role, torch.dtype, t
     try:
         role = Role(spec["role"])
         dtype = DTYPES[spec["dtype"]]
-        shape = tuple(int(d) for d in spec["shape"])
-    except (KeyError, ValueError, TypeError) as exc:
+        shape = tuple(_dimension(d) for d in spec["shape"])
+        if not isinstance(spec["name"], str) or not isinstance(spec.get("param"), str | None):
+            raise TypeError("name and param must be strings")
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
         raise CorruptData(f"{label}: bad tensor table entry ({exc!r})") from None
     if any(d < 0 for d in shape):
         raise CorruptData(f"{label}: negative dimension in {spec.get('name')!r}")
     return role, dtype, shape
+
+
+def _header_fields(reader: ArchiveReader) -> tuple[str, str, int | None]:
+    """The codec mode, layout and step an archive's header gives, checked."""
+    header = reader.header
+    try:
+        mode, layout, step = header["params"]["mode"], header["layout"], header.get("step")
+        if mode not in ("excp", "lossless") or not isinstance(layout, str):
+            raise ValueError(f"mode {mode!r}, layout {layout!r}")
+        if step is not None:
+            _dimension(step)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptData(f"{reader.label}: bad archive header ({exc!r})") from None
+    return mode, layout, step
+
+
+def _dimension(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"dimension {value!r} is not an integer")
+    return value
 
 
 def _read_streams(reader: ArchiveReader, unit: Unit, device: torch.device) -> dict[str, torch.Tensor]:
@@ -153,9 +175,8 @@ def decode_archive(reader: ArchiveReader, parent: Reconstruction | None,
     large as the tensors).
     """
     device = torch.device(device)
-    header = reader.header
-    mode = header["params"]["mode"]
-    bundle = Bundle(layout=header["layout"], step=header.get("step"))
+    mode, layout, step = _header_fields(reader)
+    bundle = Bundle(layout=layout, step=step)
     recon: Reconstruction = {}
     jobs: deque[tuple[list, Future]] = deque()
 

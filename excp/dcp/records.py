@@ -91,6 +91,13 @@ class ShardedCommit:
         return read_record(data, label, build)
 
 
+def _step(key: str) -> int | None:
+    """The step a key of this layout belongs to (``ranks/<r>/<step>-…`` or ``steps/<step>/…``)."""
+    parts = key.split("/")
+    name = parts[-2] if parts[-3] == "steps" else parts[-1].split("-", 1)[0]
+    return int(name) if name.isdigit() else None
+
+
 class ShardedRun:
     """A sharded run in a store: its records and keys (the run itself is a Chain's
     ``run.json`` with ``kind: sharded``)."""
@@ -158,6 +165,20 @@ class ShardedRun:
             return self.commit(int(step))
         except (TypeError, ValueError):
             raise InvalidInput(f"invalid step {step!r}: use a number or 'latest'") from None
+
+    def garbage(self) -> list[str]:
+        """Rank archives, rank records and metadata of steps up to the latest committed
+        one that no commit record names (a save a rank died in). A save in progress
+        writes only keys of a step after the latest, which are left alone."""
+        commits = self.commits()
+        if not commits:
+            return []
+        named = {k for c in commits for k in (c.metadata, *(r.archive for r in c.ranks.values()))}
+        named |= {self.rank_record_key(c.step, rank, r.digest)
+                  for c in commits for rank, r in c.ranks.items()}
+        latest = commits[-1].step
+        keys = self.store.list(f"{self._prefix}/ranks/") + self.store.list(f"{self._prefix}/steps/")
+        return [k for k in keys if k not in named and (_step(k) is not None and _step(k) <= latest)]
 
     def put_commit(self, commit: ShardedCommit) -> bool:
         """Write the commit record; False if the step already has one."""

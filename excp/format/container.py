@@ -184,7 +184,7 @@ class ArchiveReader:
             self.units = [Unit(str(u["name"]), str(u["codec"]), list(u["tensors"]), dict(u["meta"]),
                                dict(u["streams"])) for u in index["units"]]
             self.extras = {str(e["name"]): dict(e) for e in index["extras"]}
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise self._fail(f"malformed index ({exc!r})") from None
         if not 0 < self.chunk_size <= MAX_CHUNK_SIZE:
             raise self._fail(f"chunk size {self.chunk_size} out of range")
@@ -253,7 +253,7 @@ class ArchiveReader:
                     total += raw
                 if total != _count(stream["size"]):
                     raise self._fail(f"stream {label} declares {stream['size']} bytes, chunks hold {total}")
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise self._fail(f"malformed index ({exc!r})") from None
         spans.sort()
         cursor = PRELUDE.size
