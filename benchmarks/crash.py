@@ -34,15 +34,16 @@ from excp.store import open_store
 
 ROOT = Path(__file__).resolve().parent.parent
 HOOK_JOB = """
-import sys, torch
+import sys, time, torch
 sys.path.insert(0, {root!r})
 from tests.conftest import TinyRun
 from excp.client import Checkpointer
 tiny = TinyRun(seed={seed})
-ckpt = Checkpointer("hook", {store!r}, every=2)
+ckpt = Checkpointer("hook", {store!r}, every=10)
 start = ckpt.restore(tiny.model, tiny.opt)
 tiny.step = start["step"] if start else 0
-for _ in range(400):
+for _ in range(1000):
+    time.sleep(0.02)  # the rest of a training step
     tiny.advance(1)
     ckpt.step(tiny.step, tiny.model, tiny.opt)
 ckpt.close()
@@ -98,9 +99,9 @@ def main() -> None:
             else:
                 command = [sys.executable, "-c", HOOK_JOB.format(root=str(ROOT), seed=round_, store=store)]
             job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            # python + torch start in about a second, then the CLI pushes once (about a
-            # second) and the hook pushes every other step until it is killed
-            time.sleep(rng.uniform(0.3, 1.6) if round_ % 2 == 0 else rng.uniform(1.5, 5.0))
+            # python + torch start in about a second, then the CLI pushes once (1.7 s in
+            # all, idle) and the hook pushes every 10 steps until it is killed
+            time.sleep(rng.uniform(1.0, 3.5) if round_ % 2 == 0 else rng.uniform(1.5, 5.0))
             if job.poll() is None:
                 os.kill(job.pid, signal.SIGKILL)
                 counts["killed"] += 1
