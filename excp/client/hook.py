@@ -49,7 +49,7 @@ from excp.api import BaseSpec
 from excp.bundle import Bundle, Role
 from excp.chain import Commit, Head, PushResult, validate_run
 from excp.client.target import Target, open_target
-from excp.codec.params import CodecParams, preset
+from excp.codec.params import CodecParams, params_of
 from excp.codec.pipeline import reconstruction_of
 from excp.errors import Conflict, ExcpError, InvalidInput, NotFound
 from excp.store import Store
@@ -107,7 +107,7 @@ class Checkpointer:
             raise InvalidInput(f"when_busy={when_busy!r}: use 'wait' (block until the previous save "
                                "is done) or 'skip' (drop this save)")
         self.run, self.every, self.when_busy, self.base = validate_run(run), every, when_busy, base
-        self.params = _params(preset)
+        self.params = params_of(preset)
         self.target = open_target(target, token, **client_options)
         self.stats = HookStats()
         self._head: Head | None = None
@@ -360,12 +360,6 @@ def _commit_at(commits: list[Commit], run: str, step: int | str) -> Commit:
         if commit.step == number:
             return commit
     raise NotFound(f"run {run!r} has no step {number}: list its steps with `excp ls --run {run}`")
-
-
-def _params(chosen: str | CodecParams | None) -> CodecParams | None:
-    if chosen is None or isinstance(chosen, CodecParams):
-        return chosen
-    return preset(chosen)
 
 
 def _state_dict(obj: Any, what: str) -> dict:

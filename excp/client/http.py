@@ -159,9 +159,7 @@ class Client:
         raise error
 
     def _json(self, method: str, path: str, what: str, **kwargs: Any) -> Any:
-        def attempt() -> Any:
-            return self._check(self._http.request(method, path, **kwargs)).json()
-        return self._attempts(attempt, what)
+        return self._send(method, path, what, **kwargs).json()
 
     def _send(self, method: str, path: str, what: str, **kwargs: Any) -> httpx.Response:
         return self._attempts(lambda: self._check(self._http.request(method, path, **kwargs)), what)

@@ -100,6 +100,11 @@ PRESETS: dict[str, CodecParams] = {
 }
 
 
+def params_of(chosen: str | CodecParams | None) -> CodecParams | None:
+    """A preset name, options already made, or None (the run's own), as options."""
+    return preset(chosen) if isinstance(chosen, str) else chosen
+
+
 def preset(name: str) -> CodecParams:
     try:
         return PRESETS[name]

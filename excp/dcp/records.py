@@ -190,6 +190,7 @@ class ShardedRun:
         if rank not in commit.ranks:
             raise CorruptData(f"{label}: the step has no archive of that rank")
         path = [commit.ranks[rank]]
+        steps = len(self.store.list(f"{self._prefix}/commits/"))  # no path is longer than the run
         while path[-1].parent is not None:
             parent = path[-1].parent
             try:
@@ -197,7 +198,7 @@ class ShardedRun:
             except (NotFound, KeyError):
                 raise CorruptData(f"{label}: it needs rank {rank} of step {parent}, which is missing; "
                                   "restore another step") from None
-            if len(path) > len(self.store.list(f"{self._prefix}/commits/")):
+            if len(path) > steps:
                 raise CorruptData(f"{label}: the parents of the step form a cycle")
         path.reverse()
         return path

@@ -43,7 +43,7 @@ from excp.api import check_options
 from excp.bundle import Bundle, Role
 from excp.chain import Commit, Head, encode_archive, validate_step
 from excp.client.target import StoreTarget, Target, open_target
-from excp.codec.params import CodecParams, preset
+from excp.codec.params import CodecParams, params_of
 from excp.dcp import items
 from excp.dcp.records import ShardedCommit, ShardedRun
 from excp.errors import Conflict, CorruptData, InvalidInput, NotFound
@@ -93,7 +93,7 @@ class ExcpStorageWriter(StorageWriter):
         super().__init__()
         self.sharded = ShardedRun(store_of(target), run)
         self.step = validate_step(step)
-        self.params = _params(preset)
+        self.params = params_of(preset)
 
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         no_checkpoint_id(checkpoint_id, "ExcpStorageWriter")
@@ -219,8 +219,3 @@ def _size(item: Any) -> int:
         return 0
     dtype = item.tensor_data.properties.dtype
     return int(torch.Size(item.tensor_data.chunk.sizes).numel()) * dtype.itemsize
-
-
-def _params(chosen: str | CodecParams | None) -> CodecParams | None:
-    return preset(chosen) if isinstance(chosen, str) else chosen
-
