@@ -1,4 +1,4 @@
-"""Prometheus metrics: requests, bytes in and out, compression ratios, restore latency.
+"""Prometheus metrics: requests (answered and in flight), bytes in and out, ratios, restore latency.
 
 Each app has its own registry, so several apps in one process (tests) do not collide.
 Requests are labelled by route template (``/v1/runs/{run}``), never by run name, so
@@ -31,6 +31,8 @@ class Metrics:
                                buckets=(1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128), registry=self.registry)
         self.restore = Histogram("excp_restore_seconds", "Time to have a reconstructed checkpoint "
                                  "ready to stream", ["format", "cache"], registry=self.registry)
+        self.in_flight = Gauge("excp_http_requests_in_flight", "Requests received and not yet answered "
+                               "(PUT and POST in flight are pushes)", ["method"], registry=self.registry)
         self.cache_bytes = Gauge("excp_restore_cache_bytes", "Bytes held by the restore cache",
                                  registry=self.registry)
 
@@ -68,7 +70,8 @@ class MetricsMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, counted_receive, counted_send)
+            with metrics.in_flight.labels(scope["method"]).track_inprogress():
+                await self.app(scope, counted_receive, counted_send)
         finally:
             route = route_of(scope)
             metrics.requests.labels(scope["method"], route, str(status)).inc()

@@ -13,11 +13,11 @@ class TinyRun:
     returns the checkpoint dict a user would ``torch.save``."""
 
     def __init__(self, seed: int = 0, dtype: torch.dtype = torch.float32, amsgrad: bool = False,
-                 eps: float | None = None) -> None:
+                 eps: float | None = None, width: int = 128) -> None:
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
         self.model = torch.nn.Sequential(
-            torch.nn.Linear(32, 128), torch.nn.GELU(), torch.nn.LayerNorm(128), torch.nn.Linear(128, 32)
+            torch.nn.Linear(32, width), torch.nn.GELU(), torch.nn.LayerNorm(width), torch.nn.Linear(width, 32)
         ).to(dtype)
         if eps is None:
             eps = 1e-4 if dtype == torch.float16 else 1e-8  # 1e-8 underflows in fp16

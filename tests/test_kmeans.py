@@ -13,13 +13,13 @@ LINEAR = Domain()
 
 def _mse(values: torch.Tensor, k: int, domain: Domain = LINEAR) -> float:
     q = quantize(values, k, domain)
-    y = domain.forward(values.double())
-    restored = domain.forward(q.codebook.double()[q.codes.long()])
+    y = domain.forward(values.double().numpy())
+    restored = domain.forward(q.codebook.double()[q.codes.long()].numpy())
     return float(((restored - y) ** 2).mean())
 
 
 def _sklearn_mse(values: torch.Tensor, k: int, domain: Domain = LINEAR) -> float:
-    y = domain.forward(values.double()).numpy()[:, None]
+    y = domain.forward(values.double().numpy())[:, None]
     return KMeans(k, n_init=3, random_state=0).fit(y).inertia_ / len(y)
 
 

@@ -540,6 +540,7 @@ def test_a_server_killed_mid_upload_commits_nothing(kind: str, tmp_path, request
         while server.metrics().get(("excp_http_request_bytes_total", (("route", ARCHIVE_ROUTE),)), 0) < half:
             assert time.monotonic() < deadline, "the server never received the first half of the upload"
             time.sleep(0.05)
+        assert server.metrics()[("excp_http_requests_in_flight", (("method", "PUT"),))] == 1
         server.kill()
         released.set()
         uploader.join(timeout=60)

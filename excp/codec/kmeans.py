@@ -38,16 +38,23 @@ class Domain:
     ``linear``; ``log`` for positive values spanning decades (second moments);
     ``slog``: sign(x)·log1p(|x|/scale), for signed values spanning decades (first
     moments) — continuous through zero, and cheaper than asinh.
+
+    Both maps run on the host only, in float64: on the sample the codebook is fitted
+    to, and on the midpoints between centroids, which go back to the value domain as
+    the thresholds every value is compared with. No transcendental function ever runs
+    on the device, where CUDA's ``log`` and the CPU's may round differently by an ulp:
+    the codes are then the same on every device, and a pass over the tensor is saved.
     """
 
     kind: str = "linear"
     scale: float = 1.0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "log":
-            return torch.log(x)
-        if self.kind == "slog":
-            return torch.sign(x) * torch.log1p(x.abs() / self.scale)
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if self.kind == "log":
+                return np.log(x)
+            if self.kind == "slog":
+                return np.sign(x) * np.log1p(np.abs(x) / self.scale)
         return x
 
     def inverse(self, y: np.ndarray) -> np.ndarray:
@@ -203,9 +210,9 @@ def quantize(values: torch.Tensor, k: int, domain: Domain = Domain()) -> Quantiz
 
     The codebook comes from a histogram of a fixed strided sample (at most
     ``SAMPLE``) of the values; every value is then assigned its nearest centroid in
-    the clustering domain, exactly. Codes are uint8 on ``values``' device. Small
-    inputs with at most ``k`` distinct values get those values as the codebook, so
-    they come back exactly.
+    the clustering domain (compared in the value domain, see :class:`Domain`). Codes
+    are uint8 on ``values``' device. Small inputs with at most ``k`` distinct values
+    get those values as the codebook, so they come back exactly.
     """
     device = values.device
     if values.numel() == 0:
@@ -217,25 +224,27 @@ def quantize(values: torch.Tensor, k: int, domain: Domain = Domain()) -> Quantiz
         if distinct.numel() <= k:
             codes = torch.bucketize(x, distinct).to(torch.uint8)
             return Quantized(codes, distinct)
-    y = domain.forward(x)
-    centroids = kmeans_1d(histogram(strided_sample(y, SAMPLE)), k)
+    centroids = kmeans_1d(histogram(domain.forward(strided_sample(x, SAMPLE))), k)
     codebook = torch.from_numpy(domain.inverse(centroids).astype(np.float32)).to(device)
-    return Quantized(assign(y, centroids), codebook)
+    thresholds = domain.inverse((centroids[:-1] + centroids[1:]) / 2).astype(np.float32)
+    return Quantized(assign(x, thresholds), codebook)
 
 
-def assign(y: torch.Tensor, centroids: np.ndarray) -> torch.Tensor:
-    """Nearest-centroid codes (uint8): the number of midpoints strictly below each y.
+def assign(x: torch.Tensor, thresholds: np.ndarray) -> torch.Tensor:
+    """Codes (uint8): the number of ``thresholds`` (ascending, value domain) strictly
+    below each value — its nearest centroid in the clustering domain, as the domain
+    map is monotone.
 
-    For small codebooks a compare-and-add per midpoint into a uint8 accumulator is
+    For small codebooks a compare-and-add per threshold into a uint8 accumulator is
     several times faster than a binary search per element (``torch.bucketize`` runs at
     ~50 M/s on a CPU core) and gives the same codes; large codebooks (keyframes) use
     the binary search.
     """
-    mids = torch.from_numpy(((centroids[:-1] + centroids[1:]) / 2).astype(np.float32))
+    mids = torch.from_numpy(thresholds)
     if len(mids) > COMPARE_LIMIT:
-        return torch.bucketize(y, mids.to(y.device)).to(torch.uint8)
-    code = torch.zeros(y.numel(), dtype=torch.uint8, device=y.device)
-    above = torch.empty(y.numel(), dtype=torch.bool, device=y.device)
+        return torch.bucketize(x, mids.to(x.device)).to(torch.uint8)
+    code = torch.zeros(x.numel(), dtype=torch.uint8, device=x.device)
+    above = torch.empty(x.numel(), dtype=torch.bool, device=x.device)
     for mid in mids.tolist():
-        code.add_(torch.gt(y, mid, out=above).view(torch.uint8))
+        code.add_(torch.gt(x, mid, out=above).view(torch.uint8))
     return code

@@ -7,7 +7,9 @@ next to each other.
 
 On CPU tensors, packing, ``flatnonzero`` and codebook lookups go through numpy views of
 the same memory: torch's CPU kernels for them are 3-10x slower on this workload, and
-the results are bit-identical. CUDA tensors use the torch formulation.
+the results are bit-identical. CUDA tensors use the torch formulation; the tests
+run it on CPU tensors too (by patching :func:`numpy_path`), so CI without a GPU checks
+the code a GPU runs.
 """
 
 from __future__ import annotations
@@ -18,9 +20,14 @@ import torch
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+def numpy_path(t: torch.Tensor) -> bool:
+    """Whether ``t`` is coded through numpy (CPU tensors) rather than torch."""
+    return t.device.type == "cpu"
+
+
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     """Pack a 1-D bool tensor into ceil(n/8) bytes, LSB first."""
-    if mask.device.type == "cpu":
+    if numpy_path(mask):
         return torch.from_numpy(np.packbits(mask.numpy(), bitorder="little"))
     n = mask.numel()
     padded = torch.zeros(-(-n // 8) * 8, dtype=torch.uint8, device=mask.device)
@@ -31,7 +38,7 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
 
 def unpack_mask(packed: torch.Tensor, n: int) -> torch.Tensor:
     """Inverse of :func:`pack_mask`: the first ``n`` bits as a bool tensor."""
-    if packed.device.type == "cpu":
+    if numpy_path(packed):
         bits = np.unpackbits(packed.numpy(), count=n, bitorder="little")
         return torch.from_numpy(bits.view(np.bool_))
     shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
@@ -41,7 +48,7 @@ def unpack_mask(packed: torch.Tensor, n: int) -> torch.Tensor:
 
 def flatnonzero(mask: torch.Tensor) -> torch.Tensor:
     """Positions of the true elements of a 1-D bool tensor, ascending, as int64."""
-    if mask.device.type == "cpu":
+    if numpy_path(mask):
         return torch.from_numpy(np.flatnonzero(mask.numpy()))
     return torch.nonzero(mask).view(-1)
 
@@ -49,7 +56,7 @@ def flatnonzero(mask: torch.Tensor) -> torch.Tensor:
 def lookup(table: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """``table[codes]`` for uint8 codes; numpy takes uint8 indices as they are, where
     torch first widens them to int64 (3x slower on this workload)."""
-    if codes.device.type == "cpu":
+    if numpy_path(codes):
         return torch.from_numpy(np.take(table.numpy(), codes.numpy()))
     return table[codes.long()]
 

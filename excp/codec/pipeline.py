@@ -50,7 +50,13 @@ def check_parent(entry: TensorEntry, parent: torch.Tensor | None, label: str) ->
 class _Background:
     """Runs the writer's entropy stage on one background thread, in submission order,
     while the caller codes the next unit; at most ``depth`` units are in flight, which
-    bounds the memory held by coded-but-unwritten streams."""
+    bounds the memory held by coded-but-unwritten streams.
+
+    A unit coded on a GPU is copied to pinned host memory asynchronously as it is
+    submitted (:func:`_to_host`); the background thread waits for that copy alone, so
+    the GPU goes on to the next tensor while zstd runs on the host. Only the packed
+    streams cross, never a tensor-sized buffer of floats.
+    """
 
     def __init__(self, writer: ArchiveWriter, depth: int = 2) -> None:
         self._writer = writer
@@ -58,10 +64,18 @@ class _Background:
         self._pending: deque[Future] = deque()
         self._depth = depth
 
-    def add_unit(self, *args: Any) -> None:
+    def add_unit(self, name: str, codec: str, tensors: list[dict[str, Any]], meta: dict[str, Any],
+                 streams: dict[str, Any]) -> None:
         while len(self._pending) >= self._depth:
             self._pending.popleft().result()
-        self._pending.append(self._pool.submit(self._writer.add_unit, *args))
+        host, arrived = _to_host(streams)
+
+        def write() -> None:
+            if arrived is not None:
+                arrived.synchronize()
+            self._writer.add_unit(name, codec, tensors, meta, host)
+
+        self._pending.append(self._pool.submit(write))
 
     def drain(self) -> None:
         try:
@@ -69,6 +83,22 @@ class _Background:
                 self._pending.popleft().result()
         finally:
             self._pool.shutdown(cancel_futures=True)
+
+
+def _to_host(streams: dict[str, Any]) -> tuple[dict[str, Any], torch.cuda.Event | None]:
+    """Start copying a unit's CUDA streams into pinned host buffers (PyTorch's caching
+    host allocator reuses them); returns the host streams and an event recorded after
+    the copies, or None when every stream was on the host already. The copies are
+    queued on the current stream, behind the kernels that made the streams."""
+    host, arrived = dict(streams), None
+    for name, data in streams.items():
+        if isinstance(data, torch.Tensor) and data.is_cuda:
+            host[name] = torch.empty(data.shape, dtype=data.dtype, pin_memory=True)
+            host[name].copy_(data, non_blocking=True)
+            arrived = torch.cuda.Event()
+    if arrived is not None:
+        arrived.record()
+    return host, arrived
 
 
 def encode_bundle(bundle: Bundle, writer: ArchiveWriter, params: CodecParams,

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from excp.codec import pack
 from excp.codec.stats import strided_sample
 
 MAX_LEVEL = 127
@@ -116,7 +117,7 @@ def values(packed: torch.Tensor, book: torch.Tensor, n: int) -> torch.Tensor:
     byte = torch.arange(256, device=book.device)
     digits = torch.stack([byte // alphabet ** i % alphabet for i in range(size)], dim=1)
     table = book[digits]
-    if packed.device.type == "cpu":
+    if pack.numpy_path(packed):
         grouped = torch.from_numpy(np.take(table.numpy(), packed.numpy(), axis=0))
     else:
         grouped = table[packed.long()]
