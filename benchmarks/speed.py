@@ -33,19 +33,27 @@ from excp.codec.params import PRESETS
 from excp.store import LocalStore
 
 
-def synthetic(params: int, tensor: int, seed: int) -> tuple[Bundle, Bundle]:
-    """A parent and a child checkpoint, 100 training steps apart."""
-    gen = torch.Generator().manual_seed(seed)
+def synthetic(params: int, tensor: int, seed: int,
+              device: str | torch.device = "cpu") -> tuple[Bundle, Bundle]:
+    """A parent and a child checkpoint, 100 training steps apart, made on ``device``."""
+    gen = torch.Generator(device).manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=gen, device=device)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.rand(shape, generator=gen, device=device)
+
     parent, child = Bundle("state_dict", step=100), Bundle("state_dict", step=200)
     cols = 1024
     for i in range(max(1, params // tensor)):
         shape = (tensor // cols, cols)
         name = f"layer{i}.weight"
-        w0 = torch.randn(shape, generator=gen) * 0.02
-        scale = torch.rand(shape[0], 1, generator=gen) * torch.rand(1, cols, generator=gen)
-        v = (scale * 1e-7) * torch.exp(torch.randn(shape, generator=gen))
-        m = torch.randn(shape, generator=gen) * v.sqrt() * 0.3
-        step = torch.randn(shape, generator=gen) * 4e-4 * torch.exp(torch.randn(shape, generator=gen) * 0.5)
+        w0 = randn(*shape) * 0.02
+        scale = rand(shape[0], 1) * rand(1, cols)
+        v = (scale * 1e-7) * torch.exp(randn(*shape))
+        m = randn(*shape) * v.sqrt() * 0.3
+        step = randn(*shape) * 4e-4 * torch.exp(randn(*shape) * 0.5)
         for bundle, w in ((parent, w0), (child, w0 + step)):
             bundle.add(TensorEntry(name, Role.WEIGHT, w))
             bundle.add(TensorEntry(moment_name(name, Role.EXP_AVG), Role.EXP_AVG, m.clone(), name))

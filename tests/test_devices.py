@@ -10,6 +10,10 @@ tests run on ``cuda`` too.
 from __future__ import annotations
 
 import io
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +27,7 @@ from excp.format.container import ArchiveReader
 from excp.store import MemoryStore
 from tests.conftest import TinyRun
 
+ROOT = Path(__file__).resolve().parent.parent
 DEVICES = ["cpu", "cpu-torch"] + (["cuda"] if torch.cuda.is_available() else [])
 CASES = {"default": torch.float32, "paper": torch.float32, "lossless": torch.float32,
          "default-bf16": torch.bfloat16}
@@ -115,3 +120,22 @@ def test_the_torch_formulation_really_runs(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(pack, "numpy_path", lambda t: calls.append(t.device.type) or False)
     _code_chain("paper", torch.device("cpu"))
     assert calls and set(calls) == {"cpu"}
+
+
+@pytest.mark.slow
+def test_the_gpu_benchmark_runs_and_checks_determinism(tmp_path) -> None:
+    """benchmarks/gpu.py is what a GPU session runs in one call; here it runs on CPU at
+    a small size, so the script itself is known to work before device time is spent."""
+    out = tmp_path / "gpu.json"
+    device = "cuda" if "cuda" in DEVICES else "cpu"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--device", device,
+                           "--params", "2e6", "--tensor", "1e6", "--model-layers", "1", "--model-width", "64",
+                           "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads(out.read_text())
+    assert figures["determinism"] == {"archives_identical": True, "decodes_identical": True}
+    assert figures["synthetic"]["params"] == 2 * (10**6 // 1024 * 1024)  # two tensors of whole rows
+    assert all(seconds > 0 for seconds in figures["stages_s"].values())
+    assert figures["synthetic"]["link_ratio"] > 10 and figures["model"]["link_ratio"] > 5
+    assert 0 < figures["floor_s"]["encode"] < figures["synthetic"]["link_encode_s"]
+    assert "hook stall" in done.stdout
