@@ -1,15 +1,25 @@
-"""Crash consistency: SIGKILL a pusher at a random point of a push, many times, and
-check after each kill that nothing was lost or half-committed (what the CI tests
-do once per kind, here a hundred times at random points).
+"""Crash consistency: SIGKILL a pusher, or the server it pushes to, at a random point
+of a push, many times, and check after each kill that nothing was lost or
+half-committed (what the CI tests do once per kind, here a hundred times at random
+points).
 
-Each round starts a pusher on one directory store — alternately ``excp push`` (the
-CLI) and a training loop with the ``Checkpointer`` hook — kills it after a random
-delay, then checks: ``excp verify`` passes, every committed step restores bit-equal to
+``--target store``: each round starts a pusher on one directory store — alternately
+``excp push`` (the CLI) and a training loop with the ``Checkpointer`` hook — and kills
+it after a random delay.
+
+``--target service``: each round starts ``excp serve`` on a directory store (or, with
+``--s3``, on a bucket of moto's S3 server over HTTP) and a pusher through it — in turn
+``excp push --server`` (coded here, uploaded as an archive), the hook on
+``excp://HOST:PORT``, and raw ``torch.save`` uploads the server's workers compress —
+then SIGKILLs the *server* (and its workers) after a random delay, then the pusher.
+
+After every round: ``excp verify`` passes, every committed step restores bit-equal to
 what was restored of it after the round it was committed in (nothing committed ever
 changes), no commit names a missing archive, and ``excp gc`` removes only unreferenced
 archives and leaves a chain that still verifies. Prints the counts as JSON.
 
     python benchmarks/crash.py --rounds 100
+    python benchmarks/crash.py --target service --rounds 100
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -26,9 +37,11 @@ import time
 from pathlib import Path
 
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from excp import api
 from excp.chain import Chain
+from excp.client import Client
 from excp.errors import NotFound
 from excp.store import open_store
 
@@ -38,7 +51,7 @@ import sys, time, torch
 sys.path.insert(0, {root!r})
 from tests.conftest import TinyRun
 from excp.client import Checkpointer
-tiny = TinyRun(seed={seed})
+tiny = TinyRun(seed={seed}, width={width})
 ckpt = Checkpointer("hook", {store!r}, every=10)
 start = ckpt.restore(tiny.model, tiny.opt)
 tiny.step = start["step"] if start else 0
@@ -48,18 +61,41 @@ for _ in range(1000):
     ckpt.step(tiny.step, tiny.model, tiny.opt)
 ckpt.close()
 """
+RAW_JOB = """
+import sys, tempfile, torch
+sys.path.insert(0, {root!r})
+from tests.conftest import TinyRun
+from excp.client import Client
+client = Client({url!r}, retries=0)
+client.create_run("raw")
+done = client.checkpoints("raw")
+step = done[-1].step if done else 0
+tiny = TinyRun(seed={seed}, width={width})
+with tempfile.TemporaryDirectory() as tmp:
+    for _ in range(50):
+        step += 10
+        torch.save(tiny.advance(10), f"{{tmp}}/ckpt.pt")
+        client.upload_raw("raw", step, f"{{tmp}}/ckpt.pt")
+"""
+SERVICE_RUNS = ("cli", "hook", "raw")
+STORE_WIDTH = 128
+SERVICE_WIDTH = 16384
+"""Through the service, 1M-parameter checkpoints (12 MB with the moments), so that a
+kill more often lands inside an upload or a server-side compression."""
 
 
-def _cli_job(store: str, work: Path, step: int, seed: int) -> list[str]:
+def _cli_job(where: list[str], work: Path, step: int, seed: int, width: int) -> list[str]:
+    """``excp push`` of a new checkpoint at ``step``; ``where`` is ``--store URL`` or
+    ``--server URL``."""
     sys.path.insert(0, str(ROOT))
     from tests.conftest import TinyRun
 
     path = work / f"ckpt-{step}.pt"
-    checkpoint = TinyRun(seed=seed).advance(3 + step % 7)
+    checkpoint = TinyRun(seed=seed, width=width).advance(3 + step % 7)
     checkpoint["step"] = step
     torch.save(checkpoint, path)
     return [sys.executable, "-c", "from excp.cli import main; main()", "push", str(path), "--run", "cli",
-            "--store", store]
+            *where]
 
 
 def _check(store: str, run: str, seen: dict[tuple[str, int], str]) -> int:
@@ -80,40 +116,141 @@ def _check(store: str, run: str, seen: dict[tuple[str, int], str]) -> int:
     return checked
 
 
+
+
+def _kill(job: subprocess.Popen, group: bool = False) -> bool:
+    """SIGKILL ``job`` (its whole process group with ``group``: a server and its
+    workers die together, as in a lost node); False if it had already exited."""
+    alive = job.poll() is None
+    if alive:
+        os.killpg(job.pid, signal.SIGKILL) if group else os.kill(job.pid, signal.SIGKILL)
+    job.wait()
+    return alive
+
+
+def _after_round(store: str, runs: tuple[str, ...], seen: dict[tuple[str, int], str],
+                 counts: dict[str, int]) -> None:
+    counts["rounds"] += 1
+    for run in runs:
+        _check(store, run, seen)
+    counts["gc_deleted"] += len(api.gc(store=store).keys)
+    for run in runs:
+        _check(store, run, seen)
+
+
+def kill_pushers(rounds: int, rng: random.Random, work: Path, env: dict[str, str],
+                 seen: dict[tuple[str, int], str]) -> dict[str, int]:
+    store = str(work / "store")
+    counts = {"rounds": 0, "killed": 0, "finished_before_kill": 0, "gc_deleted": 0}
+    for round_ in range(rounds):
+        if round_ % 2 == 0:
+            command = _cli_job(["--store", store], work, 10 * (round_ + 1), round_, STORE_WIDTH)
+        else:
+            command = [sys.executable, "-c",
+                       HOOK_JOB.format(root=str(ROOT), seed=round_, store=store, width=STORE_WIDTH)]
+        job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # python + torch start in about a second, then the CLI pushes once (1.7 s in
+        # all, idle) and the hook pushes every 10 steps until it is killed
+        time.sleep(rng.uniform(1.0, 3.5) if round_ % 2 == 0 else rng.uniform(1.5, 5.0))
+        counts["killed" if _kill(job) else "finished_before_kill"] += 1
+        _after_round(store, ("cli", "hook"), seen, counts)
+    return counts
+
+
+def _serve(store: str, work: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    """``excp serve`` in its own process group on a free port, once it answers."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = work / "server.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-c", "from excp.cli import main; main()", "serve", "--store", store, "--port",
+             str(port), "--cache-dir", str(work / "serve-cache"), "--workers", "2"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while not Client(url, retries=0).health():
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"excp serve on {store} did not start:\n{log.read_text()[-2000:]}")
+        time.sleep(0.1)
+    return server, url
+
+
+def _pushes_in_flight(url: str) -> int:
+    """Uploads the server is in the middle of, read from its metrics just before a kill."""
+    families = text_string_to_metric_families(Client(url, retries=0).metrics())
+    return int(sum(sample.value for family in families for sample in family.samples
+                   if sample.name == "excp_http_requests_in_flight" and sample.labels["method"] != "GET"))
+
+
+def kill_servers(rounds: int, rng: random.Random, work: Path, env: dict[str, str],
+                 seen: dict[tuple[str, int], str], store: str) -> dict[str, int]:
+    counts = {"rounds": 0, "servers_killed": 0, "killed_mid_push": 0, "pushers_cut_off": 0,
+              "pushers_finished": 0, "gc_deleted": 0}
+    for round_ in range(rounds):
+        server, url = _serve(store, work, env)
+        kind = SERVICE_RUNS[round_ % len(SERVICE_RUNS)]
+        if kind == "cli":
+            command = _cli_job(["--server", url], work, 10 * (round_ + 1), round_, SERVICE_WIDTH)
+        else:
+            job = HOOK_JOB if kind == "hook" else RAW_JOB
+            command = [sys.executable, "-c",
+                       job.format(root=str(ROOT), seed=round_, store=url, url=url, width=SERVICE_WIDTH)]
+        pusher = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # the pusher starts in about 1.5 s, then pushes until it fails or ends; every
+        # other kill waits for an upload in flight (a push is a small part of the time)
+        time.sleep(rng.uniform(1.0, 6.0))
+        deadline = time.monotonic() + (10.0 if round_ % 2 else 0.0)
+        while not (in_flight := _pushes_in_flight(url)) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        counts["killed_mid_push"] += in_flight > 0
+        counts["servers_killed"] += _kill(server, group=True)
+        time.sleep(rng.uniform(0.0, 1.0))  # the pusher meets the dead server, or not yet
+        _kill(pusher)
+        counts["pushers_finished" if pusher.returncode == 0 else "pushers_cut_off"] += 1
+        _after_round(store, SERVICE_RUNS, seen, counts)
+    return counts
+
+
+def _moto_store(work: Path) -> str:
+    """A bucket on moto's S3 server over HTTP (this process runs it), reachable by this
+    process and its children through excp's own S3 variables."""
+    sys.path.insert(0, str(ROOT))
+    from moto.server import ThreadedMotoServer
+
+    from tests.s3_fixtures import moto_settings, new_bucket
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    os.environ.update(moto_settings(endpoint, work))
+    return f"s3://{new_bucket(endpoint)}/ckpts"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--target", choices=("store", "service"), default="store",
+                        help="kill pushers writing to a store, or the server they push to")
+    parser.add_argument("--s3", action="store_true", help="with --target service: the server's store is "
+                        "a bucket on moto's S3 server instead of a directory")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     seen: dict[tuple[str, int], str] = {}
-    counts = {"rounds": 0, "killed": 0, "finished_before_kill": 0, "gc_deleted": 0}
     with tempfile.TemporaryDirectory() as tmp:
-        work, store = Path(tmp), str(Path(tmp) / "store")
-        env = {**os.environ, "EXCP_CACHE": str(Path(tmp) / "cache"), "OMP_NUM_THREADS": "1"}
+        work = Path(tmp)
         start = time.perf_counter()
-        for round_ in range(args.rounds):
-            if round_ % 2 == 0:
-                command = _cli_job(store, work, 10 * (round_ + 1), round_)
-            else:
-                command = [sys.executable, "-c", HOOK_JOB.format(root=str(ROOT), seed=round_, store=store)]
-            job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            # python + torch start in about a second, then the CLI pushes once (1.7 s in
-            # all, idle) and the hook pushes every 10 steps until it is killed
-            time.sleep(rng.uniform(1.0, 3.5) if round_ % 2 == 0 else rng.uniform(1.5, 5.0))
-            if job.poll() is None:
-                os.kill(job.pid, signal.SIGKILL)
-                counts["killed"] += 1
-            else:
-                counts["finished_before_kill"] += 1
-            job.wait()
-            counts["rounds"] += 1
-            for run in ("cli", "hook"):
-                _check(store, run, seen)
-            counts["gc_deleted"] += len(api.gc(store=store).keys)
-            for run in ("cli", "hook"):
-                _check(store, run, seen)
+        if args.target == "store":
+            env = {**os.environ, "EXCP_CACHE": str(work / "cache"), "OMP_NUM_THREADS": "1"}
+            counts = kill_pushers(args.rounds, rng, work, env, seen)
+        else:
+            store = _moto_store(work) if args.s3 else str(work / "store")
+            env = {**os.environ, "EXCP_CACHE": str(work / "cache"), "OMP_NUM_THREADS": "1"}
+            counts = kill_servers(args.rounds, rng, work, env, seen, store)
         counts["steps_committed"] = len(seen)
         counts["seconds"] = round(time.perf_counter() - start)
     counts["data_lost"] = 0  # _check stops the campaign at the first change; verify raises on a failure

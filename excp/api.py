@@ -47,6 +47,9 @@ def _device(name: str) -> torch.device:
         raise InvalidInput(f"device {name!r} asked for, but CUDA is not available here: use --device cpu")
     if device.type not in ("cpu", "cuda"):
         raise InvalidInput(f"device {name!r} is not supported: use cpu or cuda")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise InvalidInput(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} "
+                           "CUDA device(s), cuda:0 to cuda:N-1")
     return device
 
 

@@ -358,24 +358,27 @@ def demo(store: str | None, config: str, steps: int, every: int, preset_name: st
               help="Bound of the on-disk cache of reconstructed checkpoints (0 disables it).")
 @click.option("--allow-factory", multiple=True,
               help="A model factory (pkg.module:fn) runs may be created from with a seed; repeatable.")
+@click.option("--client-timeout", type=float, default=60.0, show_default=True,
+              help="Seconds a client may take to send a request's headers, and to send each 16 KiB of "
+                   "its body; slower clients are cut off.")
 @_fail_cleanly
 def serve(store: str | None, host: str, port: int, tokens_file: str | None, workers: int, max_body: str,
-          cache_dir: str | None, cache_size: str, allow_factory: tuple[str, ...]) -> None:
+          cache_dir: str | None, cache_size: str, allow_factory: tuple[str, ...],
+          client_timeout: float) -> None:
     """Serve the REST API (OpenAPI at /docs) over the store."""
-    import uvicorn
-
     from excp.cache import cache_root
     from server import ServeConfig, create_app
     from server.auth import load_tokens
     from server.config import parse_size
+    from server.serving import serve as run_server
 
     config = ServeConfig(
         store=store, tokens=load_tokens(host, tokens_file, os.environ.get("EXCP_TOKENS")),
         max_body=parse_size(max_body, "--max-body"),
         cache_dir=Path(cache_dir) if cache_dir else cache_root() / "serve",
         cache_bytes=parse_size(cache_size, "--cache-size"), workers=workers,
-        allowed_factories=allow_factory)
+        allowed_factories=allow_factory, client_timeout=client_timeout)
     app = create_app(config)
     click.echo(f"excp: serving {app.state.services.store.url} on http://{host}:{port} (docs at /docs)",
                err=True)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    run_server(app, host, port, config.client_timeout)

@@ -98,6 +98,15 @@ class TooLarge(ExcpError):
     exit_code = 2
 
 
+class RequestTimeout(ExcpError):
+    """A client that kept the service waiting for its request body past ``--client-timeout``
+    (service): the connection is closed and nothing is committed; send it again."""
+
+    code = "request_timeout"
+    http_status = 408
+    exit_code = 7
+
+
 class WorkerFailed(StoreUnavailable):
     """A service's compression/restore worker process died (killed, out of memory): retry."""
 

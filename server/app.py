@@ -24,7 +24,7 @@ from excp.store import open_store
 from server import errors, routes_checkpoints, routes_health, routes_runs
 from server.config import MAX_JSON_BODY, ServeConfig
 from server.context import RunLocks, Services
-from server.limits import BodyLimit
+from server.limits import RequestLimits
 from server.metrics import Metrics, MetricsMiddleware
 from server.restore_cache import RestoreCache
 from server.workers import Workers
@@ -87,13 +87,16 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
             svc.workers.shutdown()
             shutil.rmtree(svc.spool, ignore_errors=True)
 
-    app = FastAPI(title="excp", version=version("excp"), description=DESCRIPTION, lifespan=lifespan)
+    # No redirects for a trailing slash: an API answers its documented paths, anything
+    # else is a JSON 404 rather than a 307 a client would follow with its token.
+    app = FastAPI(title="excp", version=version("excp"), description=DESCRIPTION, lifespan=lifespan,
+                  redirect_slashes=False)
     app.state.services = svc
     errors.install(app)
     app.include_router(routes_health.router)
     app.include_router(routes_runs.router)
     app.include_router(routes_checkpoints.router)
-    app.add_middleware(BodyLimit,
+    app.add_middleware(RequestLimits, timeout=config.client_timeout,
                        limit_for=lambda scope: config.max_body if _is_upload(scope) else MAX_JSON_BODY)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

@@ -36,6 +36,9 @@ class ServeConfig:
     of reconstructed checkpoints (0 disables it). ``allowed_factories`` lists the model
     factories (``pkg.module:fn``) a run may be created from with a seed: the server
     imports and calls them, so it never accepts one it was not told to trust.
+    ``client_timeout`` bounds how long a client may keep the server waiting: for a
+    request's headers (:mod:`server.serving`) and for each stretch of its body
+    (:mod:`server.limits`).
     """
 
     store: str | None = None
@@ -45,6 +48,7 @@ class ServeConfig:
     cache_bytes: int = 2 << 30
     workers: int = 2
     allowed_factories: tuple[str, ...] = ()
+    client_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -53,3 +57,5 @@ class ServeConfig:
             raise InvalidInput("--max-body must be at least 1 byte")
         if self.cache_bytes < 0:
             raise InvalidInput("--cache-size must not be negative")
+        if not self.client_timeout > 0:
+            raise InvalidInput(f"--client-timeout must be more than 0 seconds, got {self.client_timeout:g}")

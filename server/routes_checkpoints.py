@@ -19,7 +19,18 @@ from excp.errors import CorruptData, InvalidInput, NotFound
 from excp.format.container import ArchiveReader
 from server import jobs
 from server.auth import Principal, Scope
-from server.context import Caller, Services, Svc, run_name, spool_body, step_number, step_or_latest
+from server.context import (
+    Caller,
+    RunPath,
+    Services,
+    StepOrLatestPath,
+    StepPath,
+    Svc,
+    run_name,
+    spool_body,
+    step_number,
+    step_or_latest,
+)
 from server.restore_cache import RestoreCache
 from server.schemas import ERRORS, CheckpointList, CheckpointMeta, CommitResult
 
@@ -75,7 +86,7 @@ def _result(run: str, commit: Commit, created: bool, response: Response, svc: Se
 
 
 @router.get("", response_model=CheckpointList, summary="List checkpoints in step order")
-async def list_checkpoints(run: str, who: Caller, svc: Svc, limit: Limit = 100,
+async def list_checkpoints(run: RunPath, who: Caller, svc: Svc, limit: Limit = 100,
                            after: Annotated[int | None, Query(ge=0)] = None) -> CheckpointList:
     """``limit`` checkpoints with steps after ``after``."""
     chain = _readable(run, who, svc)
@@ -92,7 +103,7 @@ async def list_checkpoints(run: str, who: Caller, svc: Svc, limit: Limit = 100,
 
 @router.get("/{step}/meta", response_model=CheckpointMeta,
             summary="A checkpoint's commit record: parent, keyframe, sizes, ratio, checksums")
-async def checkpoint_meta(run: str, step: str, who: Caller, svc: Svc) -> CheckpointMeta:
+async def checkpoint_meta(run: RunPath, step: StepOrLatestPath, who: Caller, svc: Svc) -> CheckpointMeta:
     """``step`` is a number or ``latest``."""
     chain = _readable(run, who, svc)
     wanted = step_or_latest(step)
@@ -112,7 +123,7 @@ def _commit_upload(chain: Chain, upload: BinaryIO, step: int) -> PushResult:
 
 @router.put("/{step}/archive", status_code=201, response_model=CommitResult, openapi_extra=_OCTETS,
             summary="Upload and commit an archive coded on a training node", responses=_NOOP)
-async def upload_archive(run: str, step: str, request: Request, response: Response, who: Caller,
+async def upload_archive(run: RunPath, step: StepPath, request: Request, response: Response, who: Caller,
                          svc: Svc) -> CommitResult:
     """The body is an archive made by ``excp.chain.encode_archive`` against the run's head
     (its record is in GET /v1/runs/{run}). Upload, validation and commit are one
@@ -141,8 +152,10 @@ def _upload_kind(kind: str | None, content_type: str | None) -> str:
 
 @router.post("/{step}/raw", status_code=201, response_model=CommitResult, openapi_extra=_OCTETS,
              summary="Upload a raw checkpoint for the server to compress", responses=_NOOP)
-async def upload_raw(run: str, step: str, request: Request, response: Response, who: Caller, svc: Svc,
-                     kind: Annotated[str | None, Query(description="torch (default) or safetensors")] = None,
+async def upload_raw(run: RunPath, step: StepPath, request: Request, response: Response, who: Caller,
+                     svc: Svc, kind: Annotated[str | None, Query(
+                         description="torch (default) or safetensors",
+                         json_schema_extra={"enum": ["torch", "safetensors"]})] = None,
                      content_type: Annotated[str | None, Header()] = None) -> CommitResult:
     """The body is a ``torch.save`` file (a ``{model, optimizer, ...}`` dict or a state
     dict) or a ``.safetensors`` state dict: ``?kind=`` says which, else a
@@ -189,8 +202,9 @@ def _plan(svc: Services, chain: Chain, step: int | str, fmt: str) -> _Plan:
 @router.get("/{step}", summary="Restore a checkpoint", response_class=StreamingResponse,
             responses={200: {"content": {"application/octet-stream": {}, "application/x-tar": {}},
                              "description": "The reconstructed checkpoint"}})
-async def restore(run: str, step: str, who: Caller, svc: Svc,
-                  fmt: Annotated[str, Query(alias="format", description="torch, safetensors, tar")] = "torch",
+async def restore(run: RunPath, step: StepOrLatestPath, who: Caller, svc: Svc,
+                  fmt: Annotated[str, Query(alias="format", description="torch, safetensors, tar",
+                                            json_schema_extra={"enum": list(_SUFFIX)})] = "torch",
                   ) -> StreamingResponse:
     """Reconstruct ``step`` (a number or ``latest``) in a worker process and stream it:
     ``torch`` is the checkpoint as pushed, ``torch.load(weights_only=True)``-able;
@@ -219,7 +233,7 @@ async def restore(run: str, step: str, who: Caller, svc: Svc,
 
 @router.get("/{step}/archive", summary="Download the stored archive", response_class=StreamingResponse,
             responses={200: {"content": {"application/octet-stream": {}}, "description": "The archive"}})
-async def download_archive(run: str, step: str, who: Caller, svc: Svc) -> StreamingResponse:
+async def download_archive(run: RunPath, step: StepOrLatestPath, who: Caller, svc: Svc) -> StreamingResponse:
     """The archive bytes exactly as stored (``latest`` works); its blake2b-128 is
     ``X-Excp-Digest``."""
     chain = _readable(run, who, svc)
@@ -235,7 +249,7 @@ async def download_archive(run: str, step: str, who: Caller, svc: Svc) -> Stream
 
 
 @router.delete("/{step}", status_code=204, summary="Delete a checkpoint no other depends on (admin)")
-async def delete_checkpoint(run: str, step: str, who: Caller, svc: Svc) -> Response:
+async def delete_checkpoint(run: RunPath, step: StepPath, who: Caller, svc: Svc) -> Response:
     """Only a checkpoint that no other checkpoint's restore goes through may be deleted:
     the head, or a step whose next checkpoint is a keyframe. Anything else is a 409
     naming the steps that need it (delete those first, newest first). Nothing is ever

@@ -14,7 +14,7 @@ from excp.codec.params import CodecParams, preset
 from excp.errors import Conflict, InvalidInput
 from server import jobs
 from server.auth import Scope
-from server.context import Caller, Svc, run_name
+from server.context import Caller, RunPath, Svc, run_name
 from server.schemas import ERRORS, CheckpointMeta, RunCreate, RunInfo, RunList
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"], responses=ERRORS)
@@ -96,14 +96,14 @@ async def list_runs(who: Caller, svc: Svc, limit: Annotated[int, Query(ge=1, le=
 
 
 @router.get("/{run}", response_model=RunInfo, summary="Describe a run: options, head, chain stats")
-async def get_run(run: str, who: Caller, svc: Svc) -> RunInfo:
+async def get_run(run: RunPath, who: Caller, svc: Svc) -> RunInfo:
     name = run_name(run)
     who.require(Scope.READ, name)
     return await run_in_threadpool(run_info, Chain(svc.store, name))
 
 
 @router.delete("/{run}", status_code=204, summary="Delete a run and every checkpoint (admin)")
-async def delete_run(run: str, who: Caller, svc: Svc) -> Response:
+async def delete_run(run: RunPath, who: Caller, svc: Svc) -> Response:
     """Commit records go newest first, so an interrupted delete leaves a shorter chain that
     still restores; then the archives, then the run itself."""
     name = run_name(run)

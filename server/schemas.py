@@ -7,7 +7,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from excp.chain import Commit
+from excp.chain import RUN_NAME, Commit
+from excp.codec.params import PRESETS
 
 
 class ErrorDetail(BaseModel):
@@ -27,8 +28,10 @@ class BaseIn(BaseModel):
 
 class RunCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(description="1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
-    preset: str = Field("default", description="paper, safe, default, max or lossless")
+    # The pattern and the enum document what the route checks (with its own messages).
+    name: str = Field(description="1-128 letters, digits, '.', '_' or '-', starting with a letter or digit",
+                      json_schema_extra={"pattern": f"^{RUN_NAME.pattern}$"})
+    preset: str = Field("default", description=", ".join(PRESETS), json_schema_extra={"enum": list(PRESETS)})
     params: dict[str, float | int | str] = Field(
         default_factory=dict, description='Single codec options over the preset, e.g. {"keyframe_every": 10}')
     base: BaseIn | None = Field(None, description="Start from weights rebuilt from a seed")
@@ -93,9 +96,11 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (401, "unauthorized: no token, or an unknown one"),
         (403, "forbidden: the token's scopes or prefixes do not cover this run"),
         (404, "not_found: no such run or step"),
+        (408, "request_timeout: the body stalled past the server's --client-timeout; send it again"),
         (409, "conflict / chain_mismatch: the step exists with other content, is not after the "
               "head, or others depend on it"),
         (413, "too_large: the body is over the server's limit"),
+        (431, "too_large: the URL and headers are over 16 KiB"),
         (422, "corrupt_data / unsupported_version: an archive or record fails its checks"),
         (503, "store_unavailable / worker_failed: retry later"),
     ]

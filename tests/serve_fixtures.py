@@ -82,11 +82,15 @@ def new_backend(kind: str, root: Path, request: pytest.FixtureRequest) -> Backen
 class Server:
     """``excp serve`` in a subprocess, on a free port of 127.0.0.1."""
 
-    def __init__(self, root: Path, backend: Backend, max_body: int = MAX_BODY) -> None:
+    def __init__(self, root: Path, backend: Backend, max_body: int = MAX_BODY,
+                 tokens: dict[str, Any] | None = None, extra_args: tuple[str, ...] = ()) -> None:
+        """``tokens`` replaces the tokens file's content (default :data:`TOKENS`);
+        ``extra_args`` are appended to ``excp serve``'s command line."""
         self.root, self.backend, self.max_body = root, backend, max_body
         self.store = backend.store
         self.tokens = root / "tokens.json"
-        self.tokens.write_text(json.dumps(TOKENS))
+        self.tokens.write_text(json.dumps(TOKENS if tokens is None else tokens))
+        self.extra_args = extra_args
         self.proc: subprocess.Popen | None = None
 
     def start(self, port: int | None = None) -> Server:
@@ -98,7 +102,7 @@ class Server:
             [sys.executable, "-c", "from excp.cli import main; main()", "serve", "--store", self.backend.url,
              "--port", str(self.port), "--tokens", str(self.tokens), "--cache-dir", str(self.root / "cache"),
              "--cache-size", "1MiB", "--max-body", str(self.max_body), "--workers", "2",
-             "--allow-factory", "tests.factories:mlp"],
+             "--allow-factory", "tests.factories:mlp", *self.extra_args],
             cwd=Path(__file__).parent.parent, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + DEADLINE
         while time.monotonic() < deadline:

@@ -286,7 +286,10 @@ def test_restore_on_an_unavailable_device_is_a_clear_error(tmp_path) -> None:
     from excp.errors import InvalidInput
 
     api.push({"w": torch.randn(4, 4)}, "dev", step=1, store=str(tmp_path))
-    if not torch.cuda.is_available():
+    if torch.cuda.is_available():
+        with pytest.raises(InvalidInput, match="does not exist"):
+            api.restore("dev", 1, store=str(tmp_path), device=f"cuda:{torch.cuda.device_count()}")
+    else:
         with pytest.raises(InvalidInput, match="CUDA is not available"):
             api.restore("dev", 1, store=str(tmp_path), device="cuda")
     with pytest.raises(InvalidInput, match="unknown device"):

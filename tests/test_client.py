@@ -162,8 +162,8 @@ def test_tokens_and_addresses(local_server: Server, monkeypatch: pytest.MonkeyPa
 
 
 class _Flaky(BaseHTTPRequestHandler):
-    """Answers 503 (then 429) before a valid run description: a service behind an
-    overloaded proxy. Counts the requests it saw."""
+    """Answers errors (503, 429, ...) before a valid run description: a service behind
+    an overloaded proxy. Counts the requests it saw."""
 
     answers: list[int] = []
     seen: list[str] = []
@@ -195,11 +195,11 @@ def flaky() -> Iterator[str]:
     server.shutdown()
 
 
-def test_retries_on_5xx_and_429_then_gives_up(flaky: str) -> None:
-    _Flaky.answers[:] = [503, 429, 502]
-    with Client(flaky, retries=3, backoff=0.01, max_backoff=0.02) as client:
+def test_retries_on_5xx_429_and_408_then_gives_up(flaky: str) -> None:
+    _Flaky.answers[:] = [503, 429, 502, 408]
+    with Client(flaky, retries=4, backoff=0.01, max_backoff=0.02) as client:
         assert client.run("r").name == "r"
-    assert len(_Flaky.seen) == 4
+    assert len(_Flaky.seen) == 5
     _Flaky.answers[:] = [503] * 5
     _Flaky.seen.clear()
     with Client(flaky, retries=2, backoff=0.01, max_backoff=0.02) as client, \

@@ -3,7 +3,8 @@
 Every request is safe to repeat — runs are created idempotently, an upload of the
 same checkpoint is a no-op (200), restores and listings only read — so a failed
 attempt is retried with exponential backoff and jitter: on connection errors,
-timeouts, 429 and any 5xx. Other answers are raised at once as the
+timeouts, 408 (the service cut a slow upload off), 429 and any 5xx. Other answers are
+raised at once as the
 :class:`~excp.errors.ExcpError` subclass their stable ``code`` names (409 →
 :class:`~excp.errors.Conflict`, 404 → :class:`~excp.errors.NotFound`, ...), with the
 server's one-line message. A service that stays unreachable after the last attempt
@@ -39,7 +40,7 @@ log = logging.getLogger("excp.client")
 
 T = TypeVar("T")
 _CHUNK = 1 << 20
-_RETRY_STATUS = {429, 500, 502, 503, 504}
+_RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 _COMMIT_FIELDS = tuple(f.name for f in dataclasses.fields(Commit))
 _STATUS_CODES = {400: "invalid_input", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                  409: "conflict", 413: "too_large", 422: "corrupt_data"}
@@ -85,7 +86,7 @@ class Download:
 
 
 class _Retry(Exception):
-    """An answer worth another attempt (429, 5xx), carrying the error it would raise."""
+    """An answer worth another attempt (408, 429, 5xx), carrying the error it would raise."""
 
     def __init__(self, error: ExcpError) -> None:
         super().__init__(error.message)
