@@ -28,8 +28,6 @@ import argparse
 import json
 import os
 import random
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,7 +43,9 @@ from excp.client import Client
 from excp.errors import NotFound
 from excp.store import open_store
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.serving import ROOT, ServeProcess  # noqa: E402
+
 HOOK_JOB = """
 import sys, time, torch
 sys.path.insert(0, {root!r})
@@ -118,12 +118,11 @@ def _check(store: str, run: str, seen: dict[tuple[str, int], str]) -> int:
 
 
 
-def _kill(job: subprocess.Popen, group: bool = False) -> bool:
-    """SIGKILL ``job`` (its whole process group with ``group``: a server and its
-    workers die together, as in a lost node); False if it had already exited."""
+def _kill(job: subprocess.Popen) -> bool:
+    """SIGKILL ``job``; False if it had already exited."""
     alive = job.poll() is None
     if alive:
-        os.killpg(job.pid, signal.SIGKILL) if group else os.kill(job.pid, signal.SIGKILL)
+        job.kill()
     job.wait()
     return alive
 
@@ -157,26 +156,6 @@ def kill_pushers(rounds: int, rng: random.Random, work: Path, env: dict[str, str
     return counts
 
 
-def _serve(store: str, work: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    """``excp serve`` in its own process group on a free port, once it answers."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    log = work / "server.log"
-    with open(log, "wb") as out:
-        server = subprocess.Popen(
-            [sys.executable, "-c", "from excp.cli import main; main()", "serve", "--store", store, "--port",
-             str(port), "--cache-dir", str(work / "serve-cache"), "--workers", "2"],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while not Client(url, retries=0).health():
-        if server.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"excp serve on {store} did not start:\n{log.read_text()[-2000:]}")
-        time.sleep(0.1)
-    return server, url
-
-
 def _pushes_in_flight(url: str) -> int:
     """Uploads the server is in the middle of, read from its metrics just before a kill."""
     families = text_string_to_metric_families(Client(url, retries=0).metrics())
@@ -189,7 +168,8 @@ def kill_servers(rounds: int, rng: random.Random, work: Path, env: dict[str, str
     counts = {"rounds": 0, "servers_killed": 0, "killed_mid_push": 0, "pushers_cut_off": 0,
               "pushers_finished": 0, "gc_deleted": 0}
     for round_ in range(rounds):
-        server, url = _serve(store, work, env)
+        server = ServeProcess(work, store, env=env, own_group=True)
+        url = server.base
         kind = SERVICE_RUNS[round_ % len(SERVICE_RUNS)]
         if kind == "cli":
             command = _cli_job(["--server", url], work, 10 * (round_ + 1), round_, SERVICE_WIDTH)
@@ -205,7 +185,7 @@ def kill_servers(rounds: int, rng: random.Random, work: Path, env: dict[str, str
         while not (in_flight := _pushes_in_flight(url)) and time.monotonic() < deadline:
             time.sleep(0.005)
         counts["killed_mid_push"] += in_flight > 0
-        counts["servers_killed"] += _kill(server, group=True)
+        counts["servers_killed"] += server.kill()
         time.sleep(rng.uniform(0.0, 1.0))  # the pusher meets the dead server, or not yet
         _kill(pusher)
         counts["pushers_finished" if pusher.returncode == 0 else "pushers_cut_off"] += 1

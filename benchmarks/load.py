@@ -41,8 +41,6 @@ import platform
 import random
 import resource
 import secrets
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -68,7 +66,9 @@ from excp.codec.params import PRESETS
 from excp.errors import ExcpError
 from excp.store import Store, open_store
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.serving import ServeProcess  # noqa: E402
+
 MB = 1e6
 SAMPLE_S = 0.05
 BIG_STEP = 1
@@ -79,53 +79,11 @@ UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2**10, "MIB": 2**20, "G
 # --- the server and its memory ------------------------------------------------------
 
 
-class ServerProcess:
-    """``excp serve`` in a subprocess on a free port of 127.0.0.1, with a tokens file of
-    one admin token when ``token`` is given."""
-
-    def __init__(self, root: Path, store: str, workers: int, token: str | None = None) -> None:
-        self.log_path, self.port = root / "server.log", _free_port()
-        self.url = f"excp://127.0.0.1:{self.port}"
-        command = [sys.executable, "-c", "from excp.cli import main; main()", "serve", "--store", store,
-                   "--port", str(self.port), "--cache-dir", str(root / "serve-cache"),
-                   "--workers", str(workers)]
-        if token is not None:
-            tokens = root / "tokens.json"
-            tokens.write_text(json.dumps({"tokens": [{"name": "load", "token": token, "scopes": ["admin"],
-                                                      "prefixes": [""]}]}))
-            command += ["--tokens", str(tokens)]
-        env = {k: v for k, v in os.environ.items() if k not in ("EXCP_TOKENS", "EXCP_STORE")}
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        self._wait_ready()
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"excp serve exited:\n{self.log_path.read_text()[-3000:]}")
-            try:
-                if requests.get(f"http://127.0.0.1:{self.port}/readyz", timeout=5).status_code == 200:
-                    return
-            except (requests.ConnectionError, requests.Timeout):
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise SystemExit("excp serve did not become ready within 120 s")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _tokens(token: str | None) -> dict | None:
+    """A tokens file of one admin token, or none (an open local server)."""
+    if token is None:
+        return None
+    return {"tokens": [{"name": "load", "token": token, "scopes": ["admin"], "prefixes": [""]}]}
 
 
 def process_rss(pid: int) -> tuple[int, int]:
@@ -478,7 +436,7 @@ def hook_figures(pushers: list[dict[str, Any]]) -> dict[str, Any]:
 def load_benchmark(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     """(a): the server, its workers started, then the load, then the checks."""
     token = secrets.token_urlsafe(24) if args.tokens else None
-    server = ServerProcess(root, str(root / "store"), args.workers, token)
+    server = ServeProcess(root, str(root / "store"), workers=args.workers, tokens=_tokens(token))
     job = Job(server.url, token, args.params, args.every, args.checkpoints, args.decode_here,
               args.threads, args.retries, seed=args.seed)
     runs = [f"load-{i}" for i in range(args.pushers)]
@@ -604,7 +562,7 @@ def big_benchmark(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     generate_s = time.perf_counter() - started
     archives = list(zip(runs, paths, strict=True))
     token = secrets.token_urlsafe(24) if args.tokens else None
-    server = ServerProcess(root, str(root / "store"), args.workers, token)
+    server = ServeProcess(root, str(root / "store"), workers=args.workers, tokens=_tokens(token))
     try:
         with Client(server.url, token) as client:
             for run in runs:

@@ -39,9 +39,7 @@ import itertools
 import json
 import logging
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -61,14 +59,10 @@ from excp.chain import Commit, encode_archive
 from excp.codec.params import PRESETS, CodecParams
 from excp.workload import Trainer
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.serving import ServeProcess  # noqa: E402
+
 MB = 1e6
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -113,37 +107,11 @@ def moto_s3(env: dict[str, str]) -> Iterator[str]:
         S3Response.put_object = unlocked
 
 
-class Service:
+class Service(ServeProcess):
     """``excp serve`` in a subprocess, and the requests a client makes."""
 
     def __init__(self, store: str, root: Path, env: dict[str, str], workers: int) -> None:
-        self.port = _free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log = open(root / "server.log", "wb")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from excp.cli import main; main()", "serve", "--store", store,
-             "--port", str(self.port), "--cache-dir", str(root / "serve-cache"), "--workers", str(workers)],
-            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"excp serve exited:\n{(root / 'server.log').read_text()[-3000:]}")
-            try:
-                if requests.get(f"{self.base}/readyz", timeout=5).status_code == 200:
-                    return
-            except (requests.ConnectionError, requests.Timeout):
-                pass
-            time.sleep(0.1)
-        raise SystemExit("excp serve did not become ready within 120 s")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
+        super().__init__(root, store, workers=workers, env=env)
 
     def create(self, run: str, preset: str) -> None:
         response = requests.post(f"{self.base}/v1/runs", json={"name": run, "preset": preset}, timeout=60)
