@@ -29,13 +29,15 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from secrets import token_hex
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import botocore.loaders
 import botocore.session
+import tenacity
+import urllib3.exceptions
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
@@ -54,9 +56,13 @@ _DENIED = frozenset({"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatc
                      "InvalidToken", "AllAccessDisabled"})
 _WRITER = "excp-writer"
 _CONFLICT_BACKOFF = (0.05, 0.1, 0.2, 0.4, 0.8)
+_BODY_BACKOFF = 0.5
+"""Seconds: the first repeat of a GET whose body was cut off waits up to this long, each
+later one up to twice as long as the one before (full jitter, as botocore's own)."""
 _API_MODELS = botocore.loaders.create_loader()
 """Parsed API descriptions, shared by every store's session: parsing them is most of
 the cost of opening a store (0.1 s or more), and they never change."""
+T = TypeVar("T")
 
 
 class S3Store(Store):
@@ -68,9 +74,14 @@ class S3Store(Store):
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
                  region: str | None = None, multipart_threshold: int = 16 << 20,
                  multipart_chunksize: int = 16 << 20, max_attempts: int = 5,
-                 connect_timeout: float = 5.0, read_timeout: float = 60.0) -> None:
+                 connect_timeout: float = 5.0, read_timeout: float = 20.0) -> None:
         """``max_attempts`` counts every try of a request; botocore retries throttling,
-        5xx answers and dropped connections with backoff between them.
+        5xx answers, dropped connections and timeouts with backoff between them, and a
+        GET whose body breaks off midway is repeated whole as many times.
+        ``read_timeout`` is the longest silence of a socket, not of a transfer: 20 s
+        lets an endpoint that accepts requests and never answers fail a request in about
+        2 minutes of tries (with 60 s, a service push waited 5, longer than a client's
+        timeout) while a slow large transfer, which keeps sending, is never cut.
 
         Uploads of at least ``multipart_threshold`` bytes go up in parts of
         ``multipart_chunksize`` (both at least 5 MiB, S3's smallest part), so a file is
@@ -94,6 +105,7 @@ class S3Store(Store):
             raise InvalidInput(f"S3 multipart threshold and chunk size are at least {MIN_PART_SIZE} bytes")
         self.bucket = bucket
         self.prefix = prefix
+        self._attempts = max_attempts
         endpoint_url = endpoint_url or os.environ.get("EXCP_S3_ENDPOINT_URL") or None
         region = region or os.environ.get("EXCP_S3_REGION") or None
         config = Config(
@@ -127,29 +139,12 @@ class S3Store(Store):
         return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
 
     def get(self, key: str) -> bytes:
-        name = self._name(key)
-        with self._calling(f"reading {key!r}", key):
-            response = self.client.get_object(Bucket=self.bucket, Key=name)
-            with closing(response["Body"]) as body:
-                return body.read()
+        return self._read(key, lambda body, _: body.read())
 
     def open_read(self, key: str) -> BinaryIO:
         """The value is copied aside (in memory if small, else to a temp file) by one
         GET, so later reads cannot see a newer value and need no connection."""
-        name = self._name(key)
-        with self._calling(f"reading {key!r}", key):
-            response = self.client.get_object(Bucket=self.bucket, Key=name)
-            with closing(response["Body"]) as body:
-                if response["ContentLength"] <= _IN_MEMORY:
-                    return io.BytesIO(body.read())
-                copy = tempfile.TemporaryFile()
-                try:
-                    shutil.copyfileobj(body, copy, _CHUNK)
-                    copy.seek(0)
-                except BaseException:
-                    copy.close()
-                    raise
-                return copy  # the caller closes it
+        return self._read(key, _copy_aside)
 
     def put(self, key: str, data: bytes | BinaryIO) -> None:
         name = self._name(key)
@@ -230,6 +225,37 @@ class S3Store(Store):
         except BotoCoreError as err:
             raise self._unavailable(err, f"committing {key!r}") from err
 
+    def _read(self, key: str, take: Callable[[Any, int], T]) -> T:
+        """``take(body, length)`` of one GET of ``key``, repeated whole if its body is cut
+        off. botocore retries a GET until its headers arrive; a body that breaks off after
+        them (a dropped connection, a stall past the read timeout) is the reader's to
+        retry, with backoff, up to ``max_attempts`` times. So is an error answer (404,
+        503) whose body breaks off: botocore reads it outside its retries, and lets
+        urllib3's exception through unwrapped."""
+        name = self._name(key)
+
+        def attempt() -> T:
+            try:
+                with self._calling(f"reading {key!r}", key):
+                    response = self.client.get_object(Bucket=self.bucket, Key=name)
+                with closing(response["Body"]) as body:
+                    return take(body, response["ContentLength"])
+            except (BotoCoreError, urllib3.exceptions.HTTPError) as err:
+                raise _BodyLost(err) from err
+
+        retrying = tenacity.Retrying(retry=tenacity.retry_if_exception_type(_BodyLost),
+                                     stop=tenacity.stop_after_attempt(self._attempts),
+                                     wait=tenacity.wait_random_exponential(_BODY_BACKOFF, max=20),
+                                     reraise=True)
+        try:
+            return retrying(attempt)
+        except _BodyLost as lost:
+            raise StoreUnavailable(
+                f"S3 bucket {self.bucket!r} at {self.client.meta.endpoint_url} cut off its answer to reading "
+                f"{key!r} midway {self._attempts} times in a row ({_one_line(lost.error)}); check the "
+                "network to the endpoint, then retry"
+            ) from lost.error
+
     def _head(self, name: str) -> dict[str, Any] | None:
         """The object's metadata, or None if there is no object ``name``."""
         try:
@@ -306,6 +332,28 @@ class S3Store(Store):
             f"S3 bucket {self.bucket!r} does not exist at {self.client.meta.endpoint_url}; create it "
             f"(e.g. `aws s3 mb s3://{self.bucket}`) or fix the bucket in the store URL"
         )
+
+
+class _BodyLost(Exception):
+    """A GET's answer broke off after its headers: the GET is worth repeating whole."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _copy_aside(body: Any, length: int) -> BinaryIO:
+    """The whole of ``body``: in memory if small, else in a temp file (the caller closes it)."""
+    if length <= _IN_MEMORY:
+        return io.BytesIO(body.read())
+    copy = tempfile.TemporaryFile()
+    try:
+        shutil.copyfileobj(body, copy, _CHUNK)
+        copy.seek(0)
+    except BaseException:
+        copy.close()
+        raise
+    return copy
 
 
 class _FullReads:
