@@ -86,6 +86,12 @@ def save(bundle: Bundle, out: Path) -> Path:
     return out
 
 
+def optimizer_states(obj: dict) -> list[dict]:
+    """The optimizer state dicts the checkpoint holds, in the order they are paired."""
+    states = [obj[path[0]] if len(path) == 1 else obj[path[0]][path[1]] for path in _optimizer_paths(obj)]
+    return [state for state in states if isinstance(state, dict)]
+
+
 def _optimizer_paths(obj: dict) -> list[ObjectPath]:
     paths: list[ObjectPath] = [(key,) for key in OPTIMIZER_KEYS if obj.get(key) is not None]
     states = obj.get(OPTIMIZER_LIST_KEY)

@@ -341,9 +341,7 @@ def _load_into(bundle: Bundle, run: str, model: torch.nn.Module | None,
     if model is not None:
         model.load_state_dict(model_state)
     if optimizer is not None:
-        states = [checkpoint.get(k) for k in torch_dict.OPTIMIZER_KEYS] + \
-            list(checkpoint.get(torch_dict.OPTIMIZER_LIST_KEY) or [])
-        found = [s for s in states if isinstance(s, dict)]
+        found = torch_dict.optimizer_states(checkpoint)
         if not found:
             raise InvalidInput(f"run {run!r}: this checkpoint holds no optimizer state; "
                                "restore the model alone")
