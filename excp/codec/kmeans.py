@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from excp.codec import pack
 from excp.codec.stats import median, strided_sample
 
 HIST_BINS = 16384
@@ -235,13 +236,14 @@ def assign(x: torch.Tensor, thresholds: np.ndarray) -> torch.Tensor:
     below each value — its nearest centroid in the clustering domain, as the domain
     map is monotone.
 
-    For small codebooks a compare-and-add per threshold into a uint8 accumulator is
-    several times faster than a binary search per element (``torch.bucketize`` runs at
-    ~50 M/s on a CPU core) and gives the same codes; large codebooks (keyframes) use
-    the binary search.
+    On the CPU, for small codebooks, a compare-and-add per threshold into a uint8
+    accumulator is several times faster than a binary search per element
+    (``torch.bucketize`` runs at ~50 M/s on a CPU core) and gives the same codes; the
+    torch formulation (a GPU) and large codebooks (keyframes) take the binary search,
+    one launch instead of two per threshold.
     """
     mids = torch.from_numpy(thresholds)
-    if len(mids) > COMPARE_LIMIT:
+    if len(mids) > COMPARE_LIMIT or not pack.numpy_path(x):
         return torch.bucketize(x, mids.to(x.device)).to(torch.uint8)
     code = torch.zeros(x.numel(), dtype=torch.uint8, device=x.device)
     above = torch.empty(x.numel(), dtype=torch.bool, device=x.device)
