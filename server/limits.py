@@ -101,7 +101,7 @@ class RequestLimits:
             began = time.monotonic()
             try:
                 message = await asyncio.wait_for(receive(), self.timeout - waited)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11 on
                 failure = _too_slow(self.timeout)
                 raise failure from None
             waited += time.monotonic() - began
