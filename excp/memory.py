@@ -21,9 +21,11 @@ M_MMAP_THRESHOLD = -3
 THRESHOLD = 1 << 30
 
 
-def tune_allocator() -> bool:
-    """Keep large freed blocks in the process; True if glibc accepted the settings
-    (False on other C libraries, which keep their own defaults)."""
+def tune_allocator(threshold: int = THRESHOLD) -> bool:
+    """Keep freed blocks below ``threshold`` bytes in the process (the default: every
+    large one); True if glibc accepted the settings (False on other C libraries, which
+    keep their own defaults). A small threshold does the opposite, handing every freed
+    block back at once, so that resident memory tracks live memory (benchmarks/memory.py)."""
     name = ctypes.util.find_library("c")
     if name is None:
         return False
@@ -31,4 +33,4 @@ def tune_allocator() -> bool:
         mallopt = ctypes.CDLL(name).mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(M_MMAP_THRESHOLD, THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, THRESHOLD))
+    return bool(mallopt(M_MMAP_THRESHOLD, threshold)) and bool(mallopt(M_TRIM_THRESHOLD, threshold))

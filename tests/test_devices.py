@@ -139,3 +139,16 @@ def test_the_gpu_benchmark_runs_and_checks_determinism(tmp_path) -> None:
     assert figures["synthetic"]["link_ratio"] > 10 and figures["model"]["link_ratio"] > 5
     assert 0 < figures["floor_s"]["encode"] < figures["synthetic"]["link_encode_s"]
     assert "hook stall" in done.stdout
+
+
+@pytest.mark.parametrize("path", ["numpy", "torch"])
+def test_the_encoders_working_set_is_bounded_per_element(path: str) -> None:
+    """The encoder's extra memory for one weight and its moments (default preset),
+    reconstruction included, stays under 17 bytes per element (measured 15.0): a
+    training job must leave that much beside its largest tensor, on its GPU too."""
+    command = [sys.executable, str(ROOT / "benchmarks" / "memory.py"), "--elements", "8e6"]
+    done = subprocess.run(command + (["--torch-path"] if path == "torch" else []), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads(done.stdout)
+    assert 4 <= figures["bytes_per_element"] < 17, figures  # at least the reconstruction it returns

@@ -72,6 +72,7 @@ def encode_unit(name: str, weight: torch.Tensor, parent: torch.Tensor | None,
     else:
         enc, positions, values = _encode_pruned(delta, None if v is None else v.reshape(-1), params,
                                                 keyframe)
+    del delta  # 4 bytes per element less while the moments are coded (benchmarks/memory.py)
     if Role.EXP_AVG in moments and v is not None:
         _encode_moments(enc, positions, moments, params)
     recon = _weight(base, positions, values, w.numel(), w.device)
