@@ -20,6 +20,7 @@ import json
 import os
 import select
 import socket
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from schemathesis.specs.openapi.checks import (
 
 from excp import api
 from excp.chain import RUN_NAME
+from excp.codec.params import PRESETS
 from excp.errors import InvalidInput
 from server.config import ServeConfig
 from tests.conftest import TinyRun
@@ -502,6 +504,28 @@ def test_twenty_slow_clients_do_not_hold_up_others(server: Server) -> None:
             sock.close()
     assert _store_tree(server) == before and not _spooled(server)
     assert server.get(f"/v1/runs/{run}", TEAM_A).json()["checkpoints"] == 0
+
+
+def test_a_client_that_stops_reading_is_dropped(server: Server) -> None:
+    """A download the client stops reading fills the socket and the server's buffer; the
+    server drops the connection after --client-timeout instead of holding the answer
+    (and the file behind it) for ever."""
+    run = "team-a-unread"
+    noise = torch.randn(4 << 20, generator=torch.Generator().manual_seed(9))  # 16 MB, incompressible
+    api.push({"w": noise}, run, step=1, store=server.store, params=PRESETS["lossless"])
+    size = api.list_commits(run, server.store)[0].size
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(CUT_OFF_WITHIN)
+        sock.connect(("127.0.0.1", server.port))
+        sock.sendall(_request("GET", f"/v1/runs/{run}/checkpoints/1/archive".encode(), READER_A))
+        time.sleep(3 * CLIENT_TIMEOUT)  # reads nothing meanwhile
+        received = len(_until_closed(sock))
+    assert received < size, "the whole answer was delivered to a client that read nothing for 6 s"
+    assert "read nothing of the answer" in server.output()
+    assert server.get("/healthz").status_code == 200
+    whole = server.get(f"/v1/runs/{run}/checkpoints/1/archive", READER_A)  # a reader that reads
+    assert whole.status_code == 200 and len(whole.content) == size
 
 
 def test_client_timeout_must_be_positive(tmp_path: Path) -> None:
