@@ -205,6 +205,24 @@ def encode_archive(run: str, params: CodecParams, head: Commit | None, bundle: B
     return writer.finish(header), recon
 
 
+def path_back(last: Commit, parent_of: Callable[[int], Commit], longest: int, label: str) -> list[Commit]:
+    """``last`` and its parents back to a keyframe (or a base-rooted link), that one
+    first: what a restore of ``last`` decodes. ``parent_of(step)`` raises NotFound or
+    KeyError for a missing parent; a path longer than ``longest`` is a cycle."""
+    path = [last]
+    while path[-1].parent is not None:
+        parent = path[-1].parent
+        try:
+            path.append(parent_of(parent))
+        except (NotFound, KeyError):
+            raise CorruptData(f"{label}: step {path[-1].step} needs step {parent}, which is missing; "
+                              "restore another step") from None
+        if len(path) > longest:
+            raise CorruptData(f"{label}: the parents of step {last.step} form a cycle")
+    path.reverse()
+    return path
+
+
 _HEADER_FIELDS = {"run": str, "step": int, "parent": (int, type(None)), "keyframe": bool,
                   "params": dict, "num_parameters": int, "raw_bytes": int, "input_digest": str}
 
@@ -447,18 +465,7 @@ class Chain:
 
     def path_to(self, step: int) -> list[Commit]:
         """The commits to decode, keyframe (or base-rooted link) first, ``step`` last."""
-        path = [self.commit(step)]
-        while path[-1].parent is not None:
-            parent = path[-1].parent
-            try:
-                path.append(self.commit(parent))
-            except NotFound:
-                raise CorruptData(f"run {self.run!r}: step {path[-1].step} needs step {parent}, "
-                                  "which is missing; restore a step from another segment") from None
-            if len(path) > MAX_STEP:
-                raise CorruptData(f"run {self.run!r}: the parents of step {step} form a cycle")
-        path.reverse()
-        return path
+        return path_back(self.commit(step), self.commit, MAX_STEP, f"run {self.run!r}")
 
     def read(self, commit: Commit, parent: Reconstruction | None, device: torch.device | str,
              weights_only: bool) -> tuple[Bundle, Reconstruction]:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint import metadata as dcp_metadata
 
-from excp.chain import RECORD_VERSION, Chain, Commit, read_record, validate_step
+from excp.chain import RECORD_VERSION, Chain, Commit, path_back, read_record, validate_step
 from excp.errors import CorruptData, InvalidInput, NotFound
 from excp.store import Store
 
@@ -189,19 +189,9 @@ class ShardedRun:
         label = f"run {self.run!r} step {commit.step} rank {rank}"
         if rank not in commit.ranks:
             raise CorruptData(f"{label}: the step has no archive of that rank")
-        path = [commit.ranks[rank]]
         steps = len(self.store.list(f"{self._prefix}/commits/"))  # no path is longer than the run
-        while path[-1].parent is not None:
-            parent = path[-1].parent
-            try:
-                path.append(self.commit(parent).ranks[rank])
-            except (NotFound, KeyError):
-                raise CorruptData(f"{label}: it needs rank {rank} of step {parent}, which is missing; "
-                                  "restore another step") from None
-            if len(path) > steps:
-                raise CorruptData(f"{label}: the parents of the step form a cycle")
-        path.reverse()
-        return path
+        return path_back(commit.ranks[rank], lambda step: self.commit(step).ranks[rank], steps,
+                         f"run {self.run!r} rank {rank}")
 
     # --- DCP's metadata ------------------------------------------------------------
 
