@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -45,6 +46,7 @@ from excp.store import open_store
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.serving import ROOT, ServeProcess  # noqa: E402
+from tests.s3_fixtures import moto_server, moto_settings, new_bucket  # noqa: E402
 
 HOOK_JOB = """
 import sys, time, torch
@@ -138,8 +140,7 @@ def _after_round(store: str, runs: tuple[str, ...], seen: dict[tuple[str, int], 
 
 
 def kill_pushers(rounds: int, rng: random.Random, work: Path, env: dict[str, str],
-                 seen: dict[tuple[str, int], str]) -> dict[str, int]:
-    store = str(work / "store")
+                 seen: dict[tuple[str, int], str], store: str) -> dict[str, int]:
     counts = {"rounds": 0, "killed": 0, "finished_before_kill": 0, "gc_deleted": 0}
     for round_ in range(rounds):
         if round_ % 2 == 0:
@@ -193,22 +194,6 @@ def kill_servers(rounds: int, rng: random.Random, work: Path, env: dict[str, str
     return counts
 
 
-def _moto_store(work: Path) -> str:
-    """A bucket on moto's S3 server over HTTP (this process runs it), reachable by this
-    process and its children through excp's own S3 variables."""
-    sys.path.insert(0, str(ROOT))
-    from moto.server import ThreadedMotoServer
-
-    from tests.s3_fixtures import moto_settings, new_bucket
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    os.environ.update(moto_settings(endpoint, work))
-    return f"s3://{new_bucket(endpoint)}/ckpts"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -219,17 +204,21 @@ def main() -> None:
     parser.add_argument("--s3", action="store_true", help="with --target service: the server's store is "
                         "a bucket on moto's S3 server instead of a directory")
     args = parser.parse_args()
+    if args.s3 and args.target != "service":
+        parser.error("--s3 goes with --target service")
     rng = random.Random(args.seed)
     seen: dict[tuple[str, int], str] = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, moto_server() if args.s3 else nullcontext() as endpoint:
         work = Path(tmp)
+        store = str(work / "store")
+        if endpoint is not None:  # this process and its children reach moto by excp's own variables
+            os.environ.update(moto_settings(endpoint, work))
+            store = f"s3://{new_bucket(endpoint)}/ckpts"
+        env = {**os.environ, "EXCP_CACHE": str(work / "cache"), "OMP_NUM_THREADS": "1"}
         start = time.perf_counter()
         if args.target == "store":
-            env = {**os.environ, "EXCP_CACHE": str(work / "cache"), "OMP_NUM_THREADS": "1"}
-            counts = kill_pushers(args.rounds, rng, work, env, seen)
+            counts = kill_pushers(args.rounds, rng, work, env, seen, store)
         else:
-            store = _moto_store(work) if args.s3 else str(work / "store")
-            env = {**os.environ, "EXCP_CACHE": str(work / "cache"), "OMP_NUM_THREADS": "1"}
             counts = kill_servers(args.rounds, rng, work, env, seen, store)
         counts["steps_committed"] = len(seen)
         counts["seconds"] = round(time.perf_counter() - start)

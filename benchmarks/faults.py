@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import random
 import sys
@@ -40,7 +39,6 @@ from pathlib import Path
 
 import requests
 import torch
-from moto.server import ThreadedMotoServer
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -54,7 +52,7 @@ from excp.errors import ExcpError, NotFound  # noqa: E402
 from excp.store.s3 import MIN_PART_SIZE, S3Store  # noqa: E402
 from tests.conftest import TinyRun  # noqa: E402
 from tests.fault_proxy import FaultProxy, coded_archive, proxied_backend  # noqa: E402
-from tests.s3_fixtures import moto_settings, new_bucket  # noqa: E402
+from tests.s3_fixtures import moto_server, moto_settings, new_bucket  # noqa: E402
 from tests.serve_fixtures import TEAM_A, Server  # noqa: E402
 
 OPERATIONS = ("push", "restore", "verify", "gc")
@@ -220,13 +218,8 @@ def main() -> None:
     parser.add_argument("--outages", type=int, default=2, help="store outages under a running service")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    moto.start()
-    host, port = moto.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
+    with moto_server() as endpoint, tempfile.TemporaryDirectory() as tmp:
         os.environ.update({**moto_settings(endpoint, Path(tmp)), "EXCP_CACHE": str(Path(tmp) / "cache")})
         bucket = new_bucket(endpoint)
         with FaultProxy(endpoint, rate=args.rate, seed=args.seed, stall=1.5) as proxy:
@@ -250,7 +243,6 @@ def main() -> None:
             finally:
                 server.stop()
             service["store_requests_failed_while_down"] = proxy.counts().get("down", 0)
-    moto.stop()
     forwarded = plan.pop("forwarded")
     counts = campaign.counts
     print(json.dumps({

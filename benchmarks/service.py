@@ -37,14 +37,12 @@ import dataclasses
 import io
 import itertools
 import json
-import logging
 import platform
 import statistics
 import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
@@ -61,6 +59,7 @@ from excp.workload import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.serving import ServeProcess  # noqa: E402
+from tests.s3_fixtures import moto_server, moto_settings, new_bucket  # noqa: E402
 
 MB = 1e6
 
@@ -72,39 +71,12 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 
 
 @contextmanager
-def moto_s3(env: dict[str, str]) -> Iterator[str]:
-    """moto's S3 server on a free local port of this process, with a new bucket; yields
-    the store URL and fills ``env`` with the settings that reach it.
-
-    moto checks ``If-None-Match: *`` and then writes without a lock, so two racing
-    conditional PUTs could both succeed; real S3 decides them atomically, and so does
-    moto with this lock (the service runs in another process, moto in this one).
-    """
-    import boto3
-    from moto.s3.responses import S3Response
-    from moto.server import ThreadedMotoServer
-
-    lock, unlocked = threading.Lock(), S3Response.put_object
-
-    def put_object_atomically(self: S3Response) -> object:
-        with lock:
-            return unlocked(self)
-
-    S3Response.put_object = put_object_atomically
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # not a line per S3 request
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint, bucket = f"http://{host}:{port}", f"excp-bench-{uuid.uuid4().hex[:12]}"
-        env.update({"EXCP_S3_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench",
-                    "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REGION": "us-east-1"})
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="bench",
-                     aws_secret_access_key="bench").create_bucket(Bucket=bucket)
-        yield f"s3://{bucket}/bench"
-    finally:
-        server.stop()
-        S3Response.put_object = unlocked
+def moto_s3(env: dict[str, str], root: Path) -> Iterator[str]:
+    """moto's S3 server in this process (tests/s3_fixtures.py), with a new bucket; yields
+    the store URL and fills ``env`` with the settings that reach it."""
+    with moto_server() as endpoint:
+        env.update(moto_settings(endpoint, root))
+        yield f"s3://{new_bucket(endpoint)}/bench"
 
 
 class Service(ServeProcess):
@@ -405,7 +377,7 @@ def main() -> None:
         os.environ["EXCP_CACHE"] = str(root / "client-cache")
         env = {k: v for k, v in os.environ.items() if k not in ("EXCP_TOKENS", "EXCP_STORE")
                and not (args.moto and k.startswith(("AWS_", "EXCP_S3_")))}
-        with moto_s3(env) if args.moto else nullcontext() as moto_url:
+        with moto_s3(env, root) if args.moto else nullcontext() as moto_url:
             store = moto_url or args.store or str(root / "store")
             os.environ.update(env)  # this process restores from the same store in (c)
             if args.server_threads is not None:

@@ -8,10 +8,12 @@ moto server.
 
 from __future__ import annotations
 
+import logging
 import threading
 import urllib.request
 import uuid
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +32,17 @@ AWS_SETTINGS = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_R
 into a test, which must never reach a real account."""
 
 
-@pytest.fixture(scope="session")
-def moto_endpoint() -> Iterator[str]:
-    """One moto S3 server on a free local port for the whole session.
+@contextmanager
+def moto_server() -> Iterator[str]:
+    """moto's S3 server on a free local port (its endpoint URL), over real HTTP.
 
     moto checks ``If-None-Match: *`` and then writes without a lock, so two racing
     conditional PUTs can both succeed (seen with a short thread switch interval).
     Real S3 decides them atomically; the lock makes moto do the same, so the race tests
-    check our use of the condition rather than moto's timing. The lock lives in this
-    (the test) process, which runs the moto server: clients in other processes, such as
-    an ``excp serve`` subprocess and its workers, are decided by it too.
+    check our use of the condition rather than moto's timing. The lock lives in the
+    process that runs the moto server (a test's, or a benchmark script's): clients in
+    other processes, such as an ``excp serve`` subprocess and its workers, are decided
+    by it too.
     """
     lock = threading.Lock()
     unlocked = S3Response.put_object
@@ -48,15 +51,23 @@ def moto_endpoint() -> Iterator[str]:
         with lock:
             return unlocked(self)
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # not a log line per S3 request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(S3Response, "put_object", put_object_atomically)
-        server.start()
+    server.start()
+    S3Response.put_object = put_object_atomically
+    try:
         host, port = server.get_host_and_port()
-        try:
-            yield f"http://{host}:{port}"
-        finally:
-            server.stop()
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+        S3Response.put_object = unlocked
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """One moto S3 server for the whole session."""
+    with moto_server() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture
