@@ -38,6 +38,7 @@ from excp.format.container import ArchiveReader, ArchiveSummary, ArchiveWriter
 from excp.store import Store
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+RUN_NAME_RULE = "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
 RECORD_VERSION = 1
 MAX_STEP = 10**12 - 1
 T = TypeVar("T")
@@ -46,8 +47,7 @@ T = TypeVar("T")
 def validate_run(run: str) -> str:
     if not isinstance(run, str) or not RUN_NAME.fullmatch(run):
         raise InvalidInput(
-            f"invalid run name {run!r}: use 1-128 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit")
+            f"invalid run name {run!r}: use {RUN_NAME_RULE}")
     return run
 
 

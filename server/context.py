@@ -15,7 +15,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from excp.chain import MAX_STEP, RUN_NAME, validate_run
+from excp.chain import MAX_STEP, RUN_NAME, RUN_NAME_RULE, validate_run
 from excp.errors import InvalidInput, Unauthorized
 from excp.store import Store
 from server.auth import Principal, TokenTable
@@ -83,9 +83,8 @@ Caller = Annotated[Principal, Depends(principal)]
 # Path parameters are plain strings checked by run_name and step_number, so that a bad
 # one gets their one-line message rather than pydantic's; the patterns only say in the
 # OpenAPI what those functions accept (and let a schema fuzzer generate valid ones).
-RunPath = Annotated[str, InPath(
-    description="1-128 letters, digits, '.', '_' or '-', starting with a letter or digit",
-    json_schema_extra={"pattern": f"^{RUN_NAME.pattern}$"})]
+RunPath = Annotated[str, InPath(description=RUN_NAME_RULE,
+                                json_schema_extra={"pattern": f"^{RUN_NAME.pattern}$"})]
 StepPath = Annotated[str, InPath(description=f"An integer from 0 to {MAX_STEP}",
                                  json_schema_extra={"pattern": "^[0-9]{1,12}$"})]
 StepOrLatestPath = Annotated[str, InPath(description=f"An integer from 0 to {MAX_STEP}, or latest",

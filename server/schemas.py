@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from excp.chain import RUN_NAME, Commit
+from excp.chain import RUN_NAME, RUN_NAME_RULE, Commit
 from excp.codec.params import PRESETS
 
 
@@ -29,7 +29,7 @@ class BaseIn(BaseModel):
 class RunCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     # The pattern and the enum document what the route checks (with its own messages).
-    name: str = Field(description="1-128 letters, digits, '.', '_' or '-', starting with a letter or digit",
+    name: str = Field(description=RUN_NAME_RULE,
                       json_schema_extra={"pattern": f"^{RUN_NAME.pattern}$"})
     preset: str = Field("default", description=", ".join(PRESETS), json_schema_extra={"enum": list(PRESETS)})
     params: dict[str, float | int | str] = Field(
