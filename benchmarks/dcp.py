@@ -83,7 +83,6 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, root: str)
         params = sum(p.numel() for p in model.parameters())
         Path(root, "result.json").write_text(json.dumps({"params": params, "saves": rows,
                                                          "excp_load_latest_s": round(load_s, 2)}))
-    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -257,3 +257,36 @@ def test_the_torchrun_example_saves_and_resumes(tmp_path: Path) -> None:
     assert "resumed from step 60; steps [20, 40, 60, 80, 100, 120]" in runs[1].stdout
     commit = ShardedRun(LocalStore(tmp_path / "store"), "fsdp-example").commit(80)
     assert all(r.parent == 60 for r in commit.ranks.values())  # resumed on 2 ranks: links go on
+
+
+_THREADS_AFTER_DESTROY = """
+import os, sys, torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from excp.dcp.shutdown import release_meshes
+
+def threads(): return len(os.listdir("/proc/self/task"))
+
+def train():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    fully_shard(model)
+    model(torch.randn(2, 8)).sum().backward()
+
+dist.init_process_group("gloo", rank=0, world_size=1, init_method="tcp://127.0.0.1:" + sys.argv[1])
+train()
+dist.destroy_process_group()
+before = threads()
+release_meshes()
+print(before, threads())
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="counts threads through /proc")
+def test_a_destroyed_fsdp_process_group_is_freed_at_exit() -> None:
+    """After training returns and destroy_process_group, an FSDP2 job's gloo workers still
+    run (DTensor's cache holds the group); the exit hook frees the group, so its workers
+    are joined before Python finalizes (a worker freeing a collective's tensors after
+    that point aborts the job)."""
+    out = subprocess.run([sys.executable, "-c", _THREADS_AFTER_DESTROY, str(_port())], capture_output=True,
+                         text=True, timeout=120, check=True).stdout.split()
+    before, after = int(out[0]), int(out[1])
+    assert after < before, (before, after)
