@@ -182,8 +182,8 @@ def restore(run: str, step: int | str = "latest", out: str | Path | None = None,
 def _sharded_bundle(chain: Chain, step: int | str, device: str) -> Bundle:
     """A torch.distributed.checkpoint step as one ordinary checkpoint (the state dict
     passed to ``dcp.save``, DTensors as full tensors), assembled in this process."""
-    from excp.dcp import load_state_dict  # torch.distributed loads only for sharded runs
-    from excp.dcp.records import ShardedRun
+    from excp.sharded.reader import load_state_dict  # torch.distributed loads only for sharded runs
+    from excp.sharded.records import ShardedRun
 
     number = ShardedRun(chain.store, chain.run).resolve(step).step
     state = load_state_dict(chain.store, chain.run, number, str(_device(device)))
@@ -207,10 +207,10 @@ def list_runs(store: str | Store | None = None) -> list[str]:
 
 def list_commits(run: str, store: str | Store | None = None) -> list[Commit]:
     """The run's commit records in step order (for a sharded run, one summary row per
-    step: see :meth:`excp.dcp.records.ShardedCommit.summary`)."""
+    step: see :meth:`excp.sharded.records.ShardedCommit.summary`)."""
     chain = Chain(_store(store), run)
     if _is_sharded(chain):
-        from excp.dcp.records import ShardedRun
+        from excp.sharded.records import ShardedRun
 
         return [c.summary() for c in ShardedRun(chain.store, run).commits()]
     return chain.commits()
@@ -295,7 +295,7 @@ def gc(run: str | None = None, *, store: str | Store | None = None, dry_run: boo
     for name in [run] if run is not None else list_runs(st):
         chain = Chain(st, name)
         if _is_sharded(chain):
-            from excp.dcp.records import ShardedRun
+            from excp.sharded.records import ShardedRun
 
             keys = ShardedRun(st, name).garbage()
         else:
@@ -319,7 +319,7 @@ def verify(run: str, *, store: str | Store | None = None, base: BaseSpec | None 
     """Check every archive's checksums and that every link decodes, in chain order."""
     chain = Chain(_store(store), run)
     if _is_sharded(chain):
-        from excp.dcp.reader import verify as verify_sharded
+        from excp.sharded.reader import verify as verify_sharded
 
         return VerifyReport(*verify_sharded(chain.store, run, progress))
     report = VerifyReport(0, 0)

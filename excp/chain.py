@@ -35,6 +35,7 @@ from excp.codec.params import CodecParams
 from excp.codec.pipeline import Reconstruction, check_parent, decode_archive, encode_bundle
 from excp.errors import ChainMismatch, Conflict, CorruptData, InvalidInput, NotFound
 from excp.format.container import ArchiveReader, ArchiveSummary, ArchiveWriter
+from excp.place import Place
 from excp.store import Store
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -243,11 +244,13 @@ def _archive_header(reader: ArchiveReader, summary: ArchiveSummary | None) -> di
 
 
 class Chain:
-    """One run in one store."""
+    """One run in one store. ``place`` is how messages name where the run lives (by
+    default the store's URL; a service names itself, see :mod:`excp.place`)."""
 
-    def __init__(self, store: Store, run: str) -> None:
+    def __init__(self, store: Store, run: str, place: Place | None = None) -> None:
         self.store = store
         self.run = validate_run(run)
+        self.place = place or Place.store(store.url)
         self._prefix = f"runs/{run}"
 
     # --- records -------------------------------------------------------------
@@ -259,8 +262,8 @@ class Chain:
         try:
             data = self.store.get(f"{self._prefix}/run.json")
         except NotFound:
-            raise NotFound(f"run {self.run!r} does not exist in {self.store.url}: "
-                           "check the name with `excp ls`") from None
+            raise NotFound(f"run {self.run!r} does not exist {self.place.where}: "
+                           f"check the name with {self.place.listing()}") from None
         try:
             return json.loads(data)
         except ValueError:
@@ -275,7 +278,7 @@ class Chain:
 
     def create(self, params: CodecParams, base: Base | None, kind: str | None = None) -> None:
         """Write ``run.json`` if the run does not exist yet. ``kind`` marks a run whose
-        steps are not this chain's (``sharded``: :mod:`excp.dcp`)."""
+        steps are not this chain's (``sharded``: :mod:`excp.sharded`)."""
         record = {"params": params.to_dict(), "base": asdict(base) if base else None,
                   "created_at": time.time(), "version": RECORD_VERSION}
         if kind is not None:
@@ -296,7 +299,7 @@ class Chain:
         key = self._commit_key(validate_step(step))
         if not self.store.exists(key):
             raise NotFound(f"run {self.run!r} has no step {step}: list its steps with "
-                           f"`excp ls --run {self.run}`")
+                           f"{self.place.listing(self.run)}")
         return self._read_commit(key)
 
     def head(self) -> Commit | None:

@@ -121,7 +121,7 @@ class TokenTable:
         try:
             data = json.loads(text)
         except ValueError as exc:
-            raise InvalidInput(f"{source} is not valid JSON ({exc}); see the README's tokens file") from None
+            raise InvalidInput(f"{source} is not valid JSON ({exc}); see docs/service.md#tokens") from None
         if not isinstance(data, dict) or set(data) - {"tokens", "anonymous"}:
             raise InvalidInput(f"{source} must be a JSON object with only 'tokens' and 'anonymous'")
         entries = data.get("tokens", [])

@@ -17,6 +17,7 @@ from starlette.requests import ClientDisconnect
 
 from excp.chain import MAX_STEP, RUN_NAME, RUN_NAME_RULE, validate_run
 from excp.errors import InvalidInput, Unauthorized
+from excp.place import Place
 from excp.store import Store
 from server.auth import Principal, TokenTable
 from server.config import ServeConfig
@@ -64,6 +65,15 @@ async def services(request: Request) -> Services:
 
 
 Svc = Annotated[Services, Depends(services)]
+
+
+async def here(request: Request) -> Place:
+    """How messages name this service: by the URL the client reached it at (the store
+    behind it is a path on this machine, which means nothing to a client)."""
+    return Place.service(str(request.base_url).rstrip("/"))
+
+
+Here = Annotated[Place, Depends(here)]
 _bearer = HTTPBearer(auto_error=False, description="A token from the server's tokens file")
 Bearer = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 

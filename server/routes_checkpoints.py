@@ -17,10 +17,12 @@ from starlette.concurrency import run_in_threadpool
 from excp.chain import Chain, Commit, PushResult
 from excp.errors import CorruptData, InvalidInput, NotFound
 from excp.format.container import ArchiveReader
+from excp.place import Place
 from server import jobs
 from server.auth import Principal, Scope
 from server.context import (
     Caller,
+    Here,
     RunPath,
     Services,
     StepOrLatestPath,
@@ -61,18 +63,19 @@ def _stream(handle: BinaryIO, size: int, media: str, filename: str,
         "Content-Length": str(size), "Content-Disposition": f'attachment; filename="{filename}"', **headers})
 
 
-def _readable(run: str, who: Principal, svc: Services) -> Chain:
+def _readable(run: str, who: Principal, svc: Services, here: Place) -> Chain:
     name = run_name(run)
     who.require(Scope.READ, name)
-    return Chain(svc.store, name)
+    return Chain(svc.store, name, here)
 
 
-async def _writable(run: str, who: Principal, svc: Services, scope: Scope = Scope.WRITE) -> Chain:
+async def _writable(run: str, who: Principal, svc: Services, here: Place, scope: Scope = Scope.WRITE
+                    ) -> Chain:
     """The run's chain, after checking access and that the run exists (before any body
     is read, so a mistake costs no upload)."""
     name = run_name(run)
     who.require(scope, name)
-    chain = Chain(svc.store, name)
+    chain = Chain(svc.store, name, here)
     await run_in_threadpool(chain.config)
     return chain
 
@@ -86,10 +89,10 @@ def _result(run: str, commit: Commit, created: bool, response: Response, svc: Se
 
 
 @router.get("", response_model=CheckpointList, summary="List checkpoints in step order")
-async def list_checkpoints(run: RunPath, who: Caller, svc: Svc, limit: Limit = 100,
+async def list_checkpoints(run: RunPath, who: Caller, svc: Svc, here: Here, limit: Limit = 100,
                            after: Annotated[int | None, Query(ge=0)] = None) -> CheckpointList:
     """``limit`` checkpoints with steps after ``after``."""
-    chain = _readable(run, who, svc)
+    chain = _readable(run, who, svc, here)
 
     def page() -> CheckpointList:
         chain.config()
@@ -103,9 +106,10 @@ async def list_checkpoints(run: RunPath, who: Caller, svc: Svc, limit: Limit = 1
 
 @router.get("/{step}/meta", response_model=CheckpointMeta,
             summary="A checkpoint's commit record: parent, keyframe, sizes, ratio, checksums")
-async def checkpoint_meta(run: RunPath, step: StepOrLatestPath, who: Caller, svc: Svc) -> CheckpointMeta:
+async def checkpoint_meta(run: RunPath, step: StepOrLatestPath, who: Caller, svc: Svc,
+                          here: Here) -> CheckpointMeta:
     """``step`` is a number or ``latest``."""
-    chain = _readable(run, who, svc)
+    chain = _readable(run, who, svc, here)
     wanted = step_or_latest(step)
     commit = await run_in_threadpool(lambda: chain.commit(chain.resolve(wanted)))
     return CheckpointMeta.of(chain.run, commit)
@@ -124,7 +128,7 @@ def _commit_upload(chain: Chain, upload: BinaryIO, step: int) -> PushResult:
 @router.put("/{step}/archive", status_code=201, response_model=CommitResult, openapi_extra=_OCTETS,
             summary="Upload and commit an archive coded on a training node", responses=_NOOP)
 async def upload_archive(run: RunPath, step: StepPath, request: Request, response: Response, who: Caller,
-                         svc: Svc) -> CommitResult:
+                         svc: Svc, here: Here) -> CommitResult:
     """The body is an archive made by ``excp.chain.encode_archive`` against the run's head
     (its record is in GET /v1/runs/{run}). Upload, validation and commit are one
     request: the body is streamed to a temporary file, every checksum is verified, the
@@ -133,7 +137,7 @@ async def upload_archive(run: RunPath, step: StepPath, request: Request, respons
     head moved (code against the new head); 422: the archive fails its checks. A
     request that dies half-way commits nothing."""
     number = step_number(step)
-    chain = await _writable(run, who, svc)
+    chain = await _writable(run, who, svc, here)
     with tempfile.TemporaryFile(dir=svc.spool) as upload:
         await spool_body(request, upload)
         async with svc.locks(chain.run):
@@ -153,7 +157,7 @@ def _upload_kind(kind: str | None, content_type: str | None) -> str:
 @router.post("/{step}/raw", status_code=201, response_model=CommitResult, openapi_extra=_OCTETS,
              summary="Upload a raw checkpoint for the server to compress", responses=_NOOP)
 async def upload_raw(run: RunPath, step: StepPath, request: Request, response: Response, who: Caller,
-                     svc: Svc, kind: Annotated[str | None, Query(
+                     svc: Svc, here: Here, kind: Annotated[str | None, Query(
                          description="torch (default) or safetensors",
                          json_schema_extra={"enum": ["torch", "safetensors"]})] = None,
                      content_type: Annotated[str | None, Header()] = None) -> CommitResult:
@@ -163,7 +167,7 @@ async def upload_raw(run: RunPath, step: StepPath, request: Request, response: R
     against the head by a worker process and committed, as ``excp push`` would."""
     number = step_number(step)
     chosen = _upload_kind(kind, content_type)
-    chain = await _writable(run, who, svc)
+    chain = await _writable(run, who, svc, here)
     with tempfile.TemporaryDirectory(dir=svc.spool) as tmp:
         path = Path(tmp) / f"upload.{_SUFFIX[chosen]}"
         with open(path, "wb") as out:
@@ -202,7 +206,7 @@ def _plan(svc: Services, chain: Chain, step: int | str, fmt: str) -> _Plan:
 @router.get("/{step}", summary="Restore a checkpoint", response_class=StreamingResponse,
             responses={200: {"content": {"application/octet-stream": {}, "application/x-tar": {}},
                              "description": "The reconstructed checkpoint"}})
-async def restore(run: RunPath, step: StepOrLatestPath, who: Caller, svc: Svc,
+async def restore(run: RunPath, step: StepOrLatestPath, who: Caller, svc: Svc, here: Here,
                   fmt: Annotated[str, Query(alias="format", description="torch, safetensors, tar",
                                             json_schema_extra={"enum": list(_SUFFIX)})] = "torch",
                   ) -> StreamingResponse:
@@ -211,7 +215,7 @@ async def restore(run: RunPath, step: StepOrLatestPath, who: Caller, svc: Svc,
     ``safetensors`` every tensor under its bundle entry name; ``tar`` a Trainer
     directory. Reconstructions are cached on disk (bounded), keyed by the archive
     digests the store names now."""
-    chain = _readable(run, who, svc)
+    chain = _readable(run, who, svc, here)
     wanted = step_or_latest(step)
     started = time.perf_counter()
     plan = await run_in_threadpool(_plan, svc, chain, wanted, fmt)
@@ -233,10 +237,11 @@ async def restore(run: RunPath, step: StepOrLatestPath, who: Caller, svc: Svc,
 
 @router.get("/{step}/archive", summary="Download the stored archive", response_class=StreamingResponse,
             responses={200: {"content": {"application/octet-stream": {}}, "description": "The archive"}})
-async def download_archive(run: RunPath, step: StepOrLatestPath, who: Caller, svc: Svc) -> StreamingResponse:
+async def download_archive(run: RunPath, step: StepOrLatestPath, who: Caller, svc: Svc,
+                           here: Here) -> StreamingResponse:
     """The archive bytes exactly as stored (``latest`` works); its blake2b-128 is
     ``X-Excp-Digest``."""
-    chain = _readable(run, who, svc)
+    chain = _readable(run, who, svc, here)
     wanted = step_or_latest(step)
     commit = await run_in_threadpool(lambda: chain.commit(chain.resolve(wanted)))
     try:
@@ -249,13 +254,13 @@ async def download_archive(run: RunPath, step: StepOrLatestPath, who: Caller, sv
 
 
 @router.delete("/{step}", status_code=204, summary="Delete a checkpoint no other depends on (admin)")
-async def delete_checkpoint(run: RunPath, step: StepPath, who: Caller, svc: Svc) -> Response:
+async def delete_checkpoint(run: RunPath, step: StepPath, who: Caller, svc: Svc, here: Here) -> Response:
     """Only a checkpoint that no other checkpoint's restore goes through may be deleted:
     the head, or a step whose next checkpoint is a keyframe. Anything else is a 409
     naming the steps that need it (delete those first, newest first). Nothing is ever
     re-based, so a delete never rewrites or re-encodes another checkpoint."""
     number = step_number(step)
-    chain = await _writable(run, who, svc, Scope.ADMIN)
+    chain = await _writable(run, who, svc, here, Scope.ADMIN)
     async with svc.locks(chain.run):
         await run_in_threadpool(chain.delete, number)
     return Response(status_code=204)

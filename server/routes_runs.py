@@ -14,7 +14,7 @@ from excp.codec.params import CodecParams, preset
 from excp.errors import Conflict, InvalidInput
 from server import jobs
 from server.auth import Scope
-from server.context import Caller, RunPath, Svc, run_name
+from server.context import Caller, Here, RunPath, Svc, run_name
 from server.schemas import ERRORS, CheckpointMeta, RunCreate, RunInfo, RunList
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"], responses=ERRORS)
@@ -59,7 +59,7 @@ def _same_options(config: dict[str, Any], params: CodecParams, body: RunCreate) 
 
 @router.post("", status_code=201, response_model=RunInfo, summary="Create a run",
              responses={200: {"model": RunInfo, "description": "The run exists with the same options"}})
-async def create_run(body: RunCreate, response: Response, who: Caller, svc: Svc) -> RunInfo:
+async def create_run(body: RunCreate, response: Response, who: Caller, svc: Svc, here: Here) -> RunInfo:
     """Create a run with a preset and single codec options over it. Creating an existing
     run with the same options is a no-op (200); with other options, 409. A run
     started from a seed names a model factory the server was started with
@@ -70,7 +70,7 @@ async def create_run(body: RunCreate, response: Response, who: Caller, svc: Svc)
     if body.base is not None and body.base.factory not in svc.config.allowed_factories:
         raise InvalidInput(f"model factory {body.base.factory!r} is not allowed on this server: "
                            f"start it with --allow-factory {body.base.factory}")
-    chain = Chain(svc.store, name)
+    chain = Chain(svc.store, name, here)
     async with svc.locks(name):
         if await run_in_threadpool(chain.exists):
             if not _same_options(await run_in_threadpool(chain.config), params, body):
@@ -96,18 +96,18 @@ async def list_runs(who: Caller, svc: Svc, limit: Annotated[int, Query(ge=1, le=
 
 
 @router.get("/{run}", response_model=RunInfo, summary="Describe a run: options, head, chain stats")
-async def get_run(run: RunPath, who: Caller, svc: Svc) -> RunInfo:
+async def get_run(run: RunPath, who: Caller, svc: Svc, here: Here) -> RunInfo:
     name = run_name(run)
     who.require(Scope.READ, name)
-    return await run_in_threadpool(run_info, Chain(svc.store, name))
+    return await run_in_threadpool(run_info, Chain(svc.store, name, here))
 
 
 @router.delete("/{run}", status_code=204, summary="Delete a run and every checkpoint (admin)")
-async def delete_run(run: RunPath, who: Caller, svc: Svc) -> Response:
+async def delete_run(run: RunPath, who: Caller, svc: Svc, here: Here) -> Response:
     """Commit records go newest first, so an interrupted delete leaves a shorter chain that
     still restores; then the archives, then the run itself."""
     name = run_name(run)
     who.require(Scope.ADMIN, name)
     async with svc.locks(name):
-        await run_in_threadpool(Chain(svc.store, name).delete_run)
+        await run_in_threadpool(Chain(svc.store, name, here).delete_run)
     return Response(status_code=204)

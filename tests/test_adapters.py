@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import pickle
@@ -485,6 +486,15 @@ def test_pickled_code_is_refused_not_run(tmp_path: Path) -> None:
 def test_in_memory_objects_that_cannot_be_restored_safely_are_refused() -> None:
     with pytest.raises(InvalidInput, match="cannot be stored safely"):
         torch_dict.to_bundle({"model": {"w": torch.zeros(2)}, "hook": Exploit(Path("x"))})
+
+
+def test_an_object_torch_will_not_unpickle_is_named_in_one_line() -> None:
+    """Not torch's page of advice cut at some length: the type, in a complete line."""
+    with pytest.raises(InvalidInput) as caught:
+        torch_dict.to_bundle({"model": {"w": torch.zeros(2)}, "when": datetime.date(2024, 1, 1)})
+    assert caught.value.message == (
+        "the checkpoint holds an object that cannot be stored safely (a pickled datetime.date, which excp "
+        "does not unpickle); keep only tensors, numbers, strings, lists, tuples and dicts in it")
 
 
 def test_a_malformed_optimizer_is_named() -> None:

@@ -6,6 +6,7 @@ training process killed mid-save."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -206,9 +207,47 @@ def test_retries_on_5xx_429_and_408_then_gives_up(flaky: str) -> None:
             pytest.raises(StoreUnavailable, match="try later"):
         client.run("r")
     assert len(_Flaky.seen) == 3
-    with Client(f"excp://127.0.0.1:{free_port()}", retries=1, backoff=0.01) as client, \
-            pytest.raises(ServiceUnavailable, match="did not answer"):
+
+
+def _retry_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "excp.client" and "retrying" in r.getMessage()]
+
+
+def test_a_refused_connection_is_retried_once_then_named(caplog: pytest.LogCaptureFixture) -> None:
+    """Nothing listening is not a failure to wait out: one quick retry (a service still
+    starting), then one line saying so. Retries are INFO: not shown at the default level."""
+    caplog.set_level(logging.INFO, logger="excp.client")
+    url = f"http://127.0.0.1:{free_port()}"
+    with Client(url, retries=6, backoff=0.01) as client, pytest.raises(ServiceUnavailable) as caught:
         client.runs()
+    assert caught.value.message == (f"cannot reach the excp service at {url}: connection refused; "
+                                    "start it with `excp serve` or check --server")
+    assert [r.levelno for r in _retry_lines(caplog)] == [logging.INFO]
+    caplog.clear()
+    with Client(url, retries=3, backoff=0.01, retry_refused=True) as client, \
+            pytest.raises(ServiceUnavailable, match="connection refused"):
+        client.runs()
+    assert len(_retry_lines(caplog)) == 3
+
+
+def test_a_missing_run_or_step_names_the_service_not_its_store(local_server: Server) -> None:
+    """Whether the service says it (a run it does not have) or the client's mirror of the
+    run does (a step it does not have), the message names the service and how to list
+    it from here, never the service's store path or a plain `excp ls`."""
+    url, run = f"http://127.0.0.1:{local_server.port}", "team-a-not-found"
+    api.push(TinyRun().advance(2), run, step=2, store=local_server.store)
+    with open_target(_address(local_server), TEAM_A, **FAST) as target:
+        with pytest.raises(NotFound) as no_run:
+            target.commits("team-a-nope")
+        with pytest.raises(NotFound) as no_step_here:
+            target.restore(run, 9)
+        with pytest.raises(NotFound) as no_step_there:
+            target.client.meta(run, 9)
+    assert no_run.value.message == (f"run 'team-a-nope' does not exist on the excp service at {url}: "
+                                    f"check the name with `excp ls --server {url}`")
+    for caught in (no_step_here, no_step_there):
+        assert caught.value.message == (f"run '{run}' has no step 9: list its steps with "
+                                        f"`excp ls --server {url} --run {run}`")
 
 
 # --- the hook -----------------------------------------------------------------------
@@ -287,10 +326,12 @@ def test_the_service_going_away_mid_run(tmp_path: Path, request: pytest.FixtureR
         ckpt.wait()
         port = server.port
         server.kill()
+        caplog.set_level(logging.INFO, logger="excp.client")
         _train_with_hook(ckpt, tiny, 10)  # step 30 is saved while the service is down
         with pytest.raises(ServiceUnavailable, match="step 30 was not saved") as failure:
             ckpt.wait()
-        assert "retrying" in caplog.text and TEAM_A not in caplog.text
+        # The hook retries refused connections like any failure: a restart refuses them for a while.
+        assert len(_retry_lines(caplog)) == FAST["retries"] and TEAM_A not in caplog.text
         assert isinstance(failure.value, ExcpError) and ckpt.stats.failed == 1
         server.start(port)
         _train_with_hook(ckpt, tiny, 20)

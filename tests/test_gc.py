@@ -18,8 +18,8 @@ from excp import api
 from excp.chain import Chain, encode_archive
 from excp.client import Checkpointer
 from excp.dcp import ExcpStorageWriter, load_state_dict
-from excp.dcp.records import ShardedRun
 from excp.errors import Conflict
+from excp.sharded.records import ShardedRun
 from excp.store import LocalStore
 from tests.conftest import TinyRun
 

@@ -324,6 +324,15 @@ class TestLocalStore:
         with pytest.raises(NotFound):
             store.get(COMMIT)
 
+    def test_a_root_that_is_a_file_is_refused_at_once(self, tmp_path: Path) -> None:
+        """Reading through a file would find nothing: no runs, every run missing."""
+        (tmp_path / "a-file").write_bytes(b"not a directory")
+        for url in (str(tmp_path / "a-file"), (tmp_path / "a-file").as_uri()):
+            with pytest.raises(InvalidInput, match="a-file is a file, not a store directory: pass the "
+                                                   "directory that holds runs/"):
+                open_store(url)
+        assert (tmp_path / "a-file").read_bytes() == b"not a directory"
+
     def test_url_reopens_the_same_directory(self, tmp_path: Path) -> None:
         store = LocalStore(tmp_path / "with space")
         store.put("k", b"v")

@@ -9,8 +9,11 @@ half-written checkpoint behind, and they never overwrite what a user already has
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import uuid
+import warnings
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,12 +29,21 @@ ACCEPTS = (
     "excp accepts a torch.save'd dict with 'model' and 'optimizer', a Hugging Face "
     "Trainer checkpoint directory, or a bare state_dict"
 )
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 
 
 def first_line(exc: BaseException) -> str:
-    """A one-line reason from an exception whose message may span a page."""
-    lines = str(exc).strip().splitlines()
-    return (lines[0] if lines else type(exc).__name__)[:200]
+    """A complete one-line reason from an exception whose message may span a page.
+
+    torch's refusal to unpickle an object weights-only is a page of advice about
+    trusting the file, with the one useful fact (the type it refused) in its middle:
+    that type is the reason. Any other message gives its first sentence."""
+    text = str(exc).strip()
+    unsafe = _UNSAFE_GLOBAL.search(text)
+    if unsafe:
+        return f"a pickled {unsafe.group(1)}, which excp does not unpickle"
+    sentence = text.splitlines()[0].split(". ")[0].strip().rstrip(".") if text else ""
+    return sentence or type(exc).__name__
 
 
 def not_a_checkpoint(path: Path, reason: str) -> InvalidInput:
@@ -40,9 +52,26 @@ def not_a_checkpoint(path: Path, reason: str) -> InvalidInput:
 
 def load_torch(path: Path) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # A plain pickle makes torch warn about its protocol before failing: the error says it.
+            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise not_a_checkpoint(path, f"torch cannot load it safely ({first_line(exc)})") from exc
+        raise not_a_checkpoint(path, _unloadable(path, exc)) from exc
+
+
+def _unloadable(path: Path, exc: BaseException) -> str:
+    """What a file is, when torch cannot load it weights-only (torch's own message says
+    how torch's unpickler failed, which tells a user nothing about their file)."""
+    if _UNSAFE_GLOBAL.search(str(exc)):
+        return f"it holds {first_line(exc)} (only tensors and plain Python values load safely)"
+    if path.stat().st_size == 0:
+        return "the file is empty"
+    if isinstance(exc, EOFError):
+        return "the file ends early, as if cut off"
+    if zipfile.is_zipfile(path):
+        return "it is a zip file, but not one torch.save wrote"
+    return "it is not a file torch.save wrote"
 
 
 def save_torch(obj: Any, path: Path) -> None:

@@ -12,12 +12,20 @@ expects, scheduler, RNG states and ``trainer_state.json`` included.
 
 The directory is read during ``on_save``, on the training loop, because it may not be
 there for long: ``save_total_limit`` deletes old directories when the next one is
-written. Only the reading is synchronous; coding the checkpoint against the previous
-one and uploading it run in the background (:class:`~excp.client.hook.Checkpointer`),
-and the previous step's reconstruction is kept in memory for that, so excp never needs
-an old directory back and ``save_total_limit=1`` is fine. ``on_train_end`` waits for
-the last upload, so a failure to save makes ``trainer.train()`` fail instead of going
-unnoticed.
+written. Only the reading is synchronous — it is what ``stats.snapshot_s`` counts —
+while coding the checkpoint against the previous one and uploading it run in the
+background (:class:`~excp.client.hook.Checkpointer`); the previous step's
+reconstruction is kept in memory for that, so excp never needs an old directory back
+and ``save_total_limit=1`` is fine. ``on_train_end`` waits for the last upload, so a
+failure to save makes ``trainer.train()`` fail instead of going unnoticed.
+
+Each push logs one INFO line on the ``excp.client.saves`` logger (step, size, ratio,
+time on the training loop). The Trainer leaves Python's logging alone, which then
+shows WARNING and above only, and its own INFO lines (``log_level``) go through the
+``transformers`` logger, not this one. So when nothing is configured — no handler on
+that logger, its parents or the root — the callback gives it one that prints INFO
+lines to stderr; a program that configures logging itself (before creating the
+callback) decides what it shows.
 
 Resuming: write a step back as a Trainer directory and hand it to a Trainer::
 
@@ -33,20 +41,21 @@ takes a new run name.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
-from excp.adapters import load_checkpoint
-from excp.client.hook import follow_saves
-from excp.client.target import Target
+from excp.client.hook import follow_saves, saves_log
 from excp.errors import InvalidInput
 from excp.store import Store
+from excp.target import Target
 
 try:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 except ImportError as exc:
-    raise InvalidInput("excp.client.hf needs transformers: pip install 'excp[hf]'") from exc
+    raise InvalidInput("excp.client.hf needs transformers: pip install -e '.[hf]' from the excp checkout"
+                       ) from exc
 
 __all__ = ["ExcpTrainerCallback"]
 
@@ -61,6 +70,7 @@ class ExcpTrainerCallback(TrainerCallback):
 
     def __init__(self, run: str, target: str | Store | Target | None = None, **options: Any) -> None:
         self.checkpointer = follow_saves(run, target, "set TrainingArguments(save_steps=N)", **options)
+        _show_info(saves_log)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
@@ -73,8 +83,7 @@ class ExcpTrainerCallback(TrainerCallback):
             return
         directory = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         order = [name for name, _ in model.named_parameters()] if model is not None else None
-        bundle = load_checkpoint(directory, param_order=order)
-        self.checkpointer.save_bundle(state.global_step, bundle)
+        self.checkpointer.save_from_disk(state.global_step, directory, order)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
@@ -85,3 +94,14 @@ class ExcpTrainerCallback(TrainerCallback):
         Trainer has no hook for a failed ``train()``, so call it when done."""
         self.checkpointer.close()
 
+
+def _show_info(logger: logging.Logger) -> None:
+    """Print ``logger``'s INFO lines to stderr when logging is not configured at all (no
+    handler on it or above it); once is enough, and a configured program is left alone."""
+    if logger.hasHandlers():
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)

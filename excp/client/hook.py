@@ -42,19 +42,22 @@ from typing import Any
 
 import torch
 
+from excp.adapters import load_checkpoint, torch_dict
 from excp.adapters import state_dict as state_dict_layout
-from excp.adapters import torch_dict
 from excp.adapters.skeleton import alias_key
 from excp.api import BaseSpec
 from excp.bundle import Bundle, Role
 from excp.chain import Commit, Head, PushResult, validate_run
-from excp.client.target import Target, open_target
+from excp.client.target import open_target
 from excp.codec.params import CodecParams, params_of
 from excp.codec.pipeline import reconstruction_of
 from excp.errors import Conflict, ExcpError, InvalidInput, NotFound
 from excp.store import Store
+from excp.target import Target, is_service_url
+from excp.units import human_bytes
 
 log = logging.getLogger("excp.client")
+saves_log = logging.getLogger("excp.client.saves")  # one INFO line per save pushed
 
 WHEN_BUSY = ("wait", "skip")
 
@@ -63,7 +66,8 @@ WHEN_BUSY = ("wait", "skip")
 class HookStats:
     """What the hook cost the training loop and what it stored.
 
-    ``snapshot_s``: time the loop spent copying state (the stall per save);
+    ``snapshot_s``: time the loop spent copying state, or reading a checkpoint the
+    framework wrote (the stall per save);
     ``waited_s``: time spent waiting for the previous save (``when_busy="wait"``);
     ``push_s``: time the background thread spent coding and uploading (if it nears
     ``every`` steps' worth of training, saves start to wait or be skipped).
@@ -95,7 +99,10 @@ class Checkpointer:
     when ``step % every == 0``. ``preset``: codec options for a new run (a preset name
     or :class:`CodecParams`); an existing run keeps its own. ``base``: start the chain
     from weights rebuilt from a seed. ``client_options`` (``retries``, ``backoff``,
-    ``timeout``) tune the HTTP client.
+    ``timeout``, ``retry_refused``) tune the HTTP client. Unlike the CLI, the hook
+    retries a refused connection like any other failure (``retry_refused=True``): a
+    service being restarted refuses connections for a while, and a training job should
+    outlive that.
     """
 
     def __init__(self, run: str, target: str | Store | Target | None = None, *, every: int = 1000,
@@ -108,6 +115,8 @@ class Checkpointer:
                                "is done) or 'skip' (drop this save)")
         self.run, self.every, self.when_busy, self.base = validate_run(run), every, when_busy, base
         self.params = params_of(preset)
+        if isinstance(target, str) and is_service_url(target):
+            client_options.setdefault("retry_refused", True)
         self.target = open_target(target, token, **client_options)
         self.stats = HookStats()
         self._head: Head | None = None
@@ -147,7 +156,7 @@ class Checkpointer:
         started = time.perf_counter()
         snapshot = _snapshot(state)
         ready = _cuda_event()
-        self.stats.snapshot_s += time.perf_counter() - started
+        loop_s = time.perf_counter() - started
 
         def build() -> Bundle:
             if ready is not None:
@@ -156,14 +165,18 @@ class Checkpointer:
                 if torch_dict.model_key(snapshot) is not None else state_dict_layout.to_bundle(snapshot)
             return bundle
 
-        self._submit(step, build)
+        self._submit(step, build, loop_s)
         return True
 
-    def save_bundle(self, step: int, bundle: Bundle) -> bool:
-        """Push a bundle the caller owns (read from disk: nothing to snapshot)."""
+    def save_from_disk(self, step: int, path: str | Path, param_order: list[str] | None = None) -> bool:
+        """Read the checkpoint a framework wrote at ``path`` now, on the caller's thread
+        (the framework may delete it soon), and push it in the background. The read is
+        this save's stall of the training loop, counted in ``stats.snapshot_s``."""
         if not self._make_room(step):
             return False
-        self._submit(step, lambda: bundle)
+        started = time.perf_counter()
+        bundle = load_checkpoint(path, param_order=param_order)
+        self._submit(step, lambda: bundle, time.perf_counter() - started)
         return True
 
     def _make_room(self, step: int) -> bool:
@@ -183,12 +196,14 @@ class Checkpointer:
         self._raise_failure()
         return True
 
-    def _submit(self, step: int, build: Callable[[], Bundle]) -> None:
+    def _submit(self, step: int, build: Callable[[], Bundle], loop_s: float) -> None:
+        """Count the save and its stall of the loop; push it on the hook's thread."""
         self.stats.saves += 1
+        self.stats.snapshot_s += loop_s
         self._pending_step = step
-        self._pending = self._pool.submit(self._push, step, build)
+        self._pending = self._pool.submit(self._push, step, build, loop_s)
 
-    def _push(self, step: int, build: Callable[[], Bundle]) -> PushResult:
+    def _push(self, step: int, build: Callable[[], Bundle], loop_s: float) -> PushResult:
         """The background half of a save (one at a time, on the hook's thread)."""
         started = time.perf_counter()
         bundle = build()
@@ -202,9 +217,14 @@ class Checkpointer:
                 self.stats.raw_bytes += result.commit.raw_bytes
                 self.stats.commits.append(result.commit)
             self.stats.last = result.commit
-            self.stats.push_s += time.perf_counter() - started
-        log.info("excp: run %s step %d %s: %.1fx", self.run, step,
-                 "committed" if result.created else "already stored", result.commit.ratio)
+            push_s = time.perf_counter() - started
+            self.stats.push_s += push_s
+        commit = result.commit
+        saves_log.info("excp: run %s step %d %s: %s, %s stored (%.1fx); %.2f s on the training loop, "
+                       "%.1f s in the background", self.run, step,
+                       "committed" if result.created else "already stored",
+                       "keyframe" if commit.keyframe else f"link {commit.depth}", human_bytes(commit.size),
+                       commit.ratio, loop_s, push_s)
         return result
 
     def _wait_pending(self) -> None:

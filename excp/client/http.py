@@ -3,12 +3,16 @@
 Every request is safe to repeat — runs are created idempotently, an upload of the
 same checkpoint is a no-op (200), restores and listings only read — so a failed
 attempt is retried with exponential backoff and jitter: on connection errors,
-timeouts, 408 (the service cut a slow upload off), 429 and any 5xx. Other answers are
-raised at once as the
-:class:`~excp.errors.ExcpError` subclass their stable ``code`` names (409 →
-:class:`~excp.errors.Conflict`, 404 → :class:`~excp.errors.NotFound`, ...), with the
+timeouts, 408 (the service cut a slow upload off), 429 and any 5xx. A refused
+connection is the exception: nothing listens at the URL (a service not started, a
+wrong port), so it is retried once, quickly, in case the service is just starting,
+and then reported — unless ``retry_refused`` asks for the full policy, as the
+training-loop hook does to outlive a service restart. Other answers are raised at
+once as the :class:`~excp.errors.ExcpError` subclass their stable ``code`` names (409
+→ :class:`~excp.errors.Conflict`, 404 → :class:`~excp.errors.NotFound`, ...), with the
 server's one-line message. A service that stays unreachable after the last attempt
-is :class:`~excp.errors.ServiceUnavailable`.
+is :class:`~excp.errors.ServiceUnavailable`. Retries are logged at INFO on the
+``excp.client`` logger: not shown unless logging is set up to show them.
 
 Bodies are streamed both ways: uploads are read from a file as they are sent (so a
 retry rewinds the file), downloads are written to a file as they arrive. The token
@@ -26,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import httpx
 import tenacity
@@ -35,6 +39,7 @@ from excp import __version__
 from excp.chain import Base, Commit, PushResult, archive_digest
 from excp.codec.params import CodecParams
 from excp.errors import CorruptData, ExcpError, InvalidInput, ServiceUnavailable, error_for_code
+from excp.target import service_url
 
 log = logging.getLogger("excp.client")
 
@@ -44,19 +49,6 @@ _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 _COMMIT_FIELDS = tuple(f.name for f in dataclasses.fields(Commit))
 _STATUS_CODES = {400: "invalid_input", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                  409: "conflict", 413: "too_large", 422: "corrupt_data"}
-
-
-def service_url(url: str) -> str:
-    """``excp://host:port`` (or ``http(s)://host:port[/prefix]``) as the HTTP base URL."""
-    parts = urlsplit(url)
-    scheme = {"excp": "http", "http": "http", "https": "https"}.get(parts.scheme.lower())
-    if scheme is None or not parts.netloc:
-        raise InvalidInput(f"service URL {url!r} is not excp://HOST:PORT or http(s)://HOST:PORT")
-    return f"{scheme}://{parts.netloc}{parts.path.rstrip('/')}"
-
-
-def is_service_url(url: str) -> bool:
-    return urlsplit(url).scheme.lower() in ("excp", "http", "https")
 
 
 @dataclass(frozen=True)
@@ -106,11 +98,13 @@ class Client:
     """One excp service. ``retries`` is how many times a failed request is repeated,
     waiting ``backoff`` seconds before the first repeat and doubling up to
     ``max_backoff``; ``timeout`` bounds each read and write (a restore that the server
-    takes long to reconstruct waits that long for its first byte)."""
+    takes long to reconstruct waits that long for its first byte). ``retry_refused``:
+    retry refused connections like other failures, rather than once."""
 
     def __init__(self, url: str, token: str | None = None, *, timeout: float = 300.0, retries: int = 6,
-                 backoff: float = 0.5, max_backoff: float = 30.0) -> None:
+                 backoff: float = 0.5, max_backoff: float = 30.0, retry_refused: bool = False) -> None:
         self.url = service_url(url)
+        self.retry_refused = retry_refused
         token = token if token is not None else os.environ.get("EXCP_TOKEN") or None
         headers = {"User-Agent": f"excp/{__version__}"}
         if token:
@@ -118,7 +112,7 @@ class Client:
         self._http = httpx.Client(base_url=self.url, headers=headers,
                                   timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)))
         self._retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type((httpx.TransportError, _Retry)),
+            retry=self._worth_retrying,
             stop=tenacity.stop_after_attempt(retries + 1),
             wait=tenacity.wait_exponential(multiplier=backoff, max=max_backoff)
             + tenacity.wait_random(0, backoff),
@@ -135,11 +129,17 @@ class Client:
 
     # --- plumbing ---------------------------------------------------------------
 
+    def _worth_retrying(self, state: tenacity.RetryCallState) -> bool:
+        exc = state.outcome.exception() if state.outcome else None
+        if not isinstance(exc, (httpx.TransportError, _Retry)):
+            return False
+        return self.retry_refused or not _refused(exc) or state.attempt_number < 2
+
     def _log_retry(self, state: tenacity.RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
         wait = state.next_action.sleep if state.next_action else 0.0
-        log.warning("excp: service %s: %s; retrying in %.1f s (attempt %d)", self.url,
-                    _describe(exc), wait, state.attempt_number + 1)
+        log.info("excp: service %s: %s; retrying in %.1f s (attempt %d)", self.url,
+                 _describe(exc), wait, state.attempt_number + 1)
 
     def _attempts(self, attempt: Callable[[], T], what: str) -> T:
         """``attempt()`` under the retry policy, its failures as excp errors."""
@@ -148,6 +148,9 @@ class Client:
         except _Retry as exc:
             raise exc.error from None
         except httpx.TransportError as exc:
+            if _refused(exc):
+                raise ServiceUnavailable(f"cannot reach the excp service at {self.url}: connection refused; "
+                                         "start it with `excp serve` or check --server") from None
             raise ServiceUnavailable(f"cannot {what}: the excp service at {self.url} did not answer "
                                      f"({_describe(exc)}); check that it runs and the URL") from None
 
@@ -307,6 +310,15 @@ class Client:
 def _seg(name: str) -> str:
     """A run name as one path segment (the service refuses bad names with a clear 400)."""
     return quote(name, safe="")
+
+
+def _refused(exc: BaseException | None) -> bool:
+    """Whether nothing listens at the address (the cause httpx wraps, two levels down)."""
+    while exc is not None:
+        if isinstance(exc, ConnectionRefusedError):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _describe(exc: BaseException | None) -> str:

@@ -46,15 +46,15 @@ import logging
 from typing import Any
 
 from excp.client.hook import follow_saves
-from excp.client.target import Target
 from excp.errors import InvalidInput
 from excp.store import Store
+from excp.target import Target
 
 try:
     import pytorch_lightning as pl
 except ImportError as exc:
     raise InvalidInput("excp.client.lightning needs pytorch-lightning: "
-                       "pip install 'excp[lightning]'") from exc
+                       "pip install -e '.[lightning]' from the excp checkout") from exc
 
 __all__ = ["ExcpLightningCallback"]
 

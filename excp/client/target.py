@@ -1,21 +1,19 @@
-"""Where a run lives, behind one interface: a store (directory, ``memory://``, ``s3://``)
-or an excp service (``excp://host:port``).
+"""The service kind of :class:`~excp.target.Target`, and :func:`open_target`, which
+picks the kind a URL names.
 
-The hook, the callbacks and the CLI talk to a :class:`Target` and never ask which kind
-it is. With a store, the target is :mod:`excp.api` itself. With a service, the
-training node still does the compute: it codes each archive against the head's
-reconstruction and uploads it (the service verifies and commits it), and it restores
-by downloading the archives on the step's path and decoding them locally, on its own
-device — so a restore onto a GPU decodes on that GPU, and ``rebuild``/``verify`` decode
-each link once and check exactly the bytes the client received. The downloaded
-archives go into a temporary directory store (a *mirror* of the run's commit records
-and the archives needed), where the ordinary chain code reads them.
+With a service, the training node still does the compute: it codes each archive
+against the head's reconstruction and uploads it (the service verifies and commits
+it), and it restores by downloading the archives on the step's path and decoding them
+locally, on its own device — so a restore onto a GPU decodes on that GPU, and
+``rebuild``/``verify`` decode each link once and check exactly the bytes the client
+received. The downloaded archives go into a temporary directory store (a *mirror* of
+the run's commit records and the archives needed), where the ordinary chain code
+reads them; its messages name the service, not the mirror.
 """
 
 from __future__ import annotations
 
 import tempfile
-from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,102 +24,15 @@ from excp.api import BaseSpec, Progress, VerifyReport
 from excp.bundle import Bundle
 from excp.cache import ReconCache
 from excp.chain import Chain, Commit, Head, PushResult, encode_archive, recon_digest, validate_run
-from excp.client.http import Client, RunInfo, is_service_url
+from excp.client.http import Client, RunInfo
 from excp.codec.params import CodecParams
 from excp.codec.pipeline import Reconstruction
 from excp.errors import ChainMismatch, InvalidInput, NotFound
+from excp.place import Place
 from excp.store import LocalStore, Store, open_store
+from excp.target import Checkpoint, StoreTarget, Target, is_service_url
 
-Checkpoint = str | Path | Bundle | dict
-CLIENT_OPTIONS = {"timeout", "retries", "backoff", "max_backoff"}
-
-
-class Target(ABC):
-    """The operations of :mod:`excp.api`, on a store or through a service."""
-
-    url: str
-
-    @abstractmethod
-    def push(self, checkpoint: Checkpoint, run: str, *, step: int | None = None,
-             params: CodecParams | None = None, base: BaseSpec | None = None, parent: Head | None = None,
-             progress: Progress = None) -> tuple[PushResult, Reconstruction]:
-        """:func:`excp.api.push`: code ``checkpoint`` against the head and commit it."""
-
-    @abstractmethod
-    def restore(self, run: str, step: int | str = "latest", out: str | Path | None = None, *,
-                device: str = "cpu", base: BaseSpec | None = None, progress: Progress = None) -> Bundle:
-        """:func:`excp.api.restore`: reconstruct ``step`` (or ``latest``) on ``device``."""
-
-    @abstractmethod
-    def runs(self) -> list[str]:
-        """The runs there are (that the token may read)."""
-
-    @abstractmethod
-    def commits(self, run: str) -> list[Commit]:
-        """The run's commit records in step order."""
-
-    @abstractmethod
-    def params(self, run: str) -> CodecParams:
-        """The codec parameters the run was created with."""
-
-    @abstractmethod
-    def rebuild(self, run: str, out_dir: str | Path, *, base: BaseSpec | None = None,
-                progress: Progress = None) -> list[Path]:
-        """:func:`excp.api.rebuild`: every checkpoint of the run, in step order."""
-
-    @abstractmethod
-    def verify(self, run: str, *, base: BaseSpec | None = None, progress: Progress = None) -> VerifyReport:
-        """:func:`excp.api.verify`: every checksum, and every link decodes."""
-
-    @abstractmethod
-    def inspect(self, run: str, step: int | str = "latest") -> dict[str, Any]:
-        """:func:`excp.api.inspect_archive` of a stored checkpoint."""
-
-    def close(self) -> None:  # noqa: B027 (a store target holds nothing to release)
-        """Release connections."""
-
-    def __enter__(self) -> Target:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.close()
-
-
-class StoreTarget(Target):
-    """A store, used directly: every call is :mod:`excp.api`'s."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self.url = store.url
-
-    def push(self, checkpoint: Checkpoint, run: str, *, step: int | None = None,
-             params: CodecParams | None = None, base: BaseSpec | None = None, parent: Head | None = None,
-             progress: Progress = None) -> tuple[PushResult, Reconstruction]:
-        return api.push(checkpoint, run, step=step, store=self.store, params=params, base=base,
-                        parent=parent, progress=progress)
-
-    def restore(self, run: str, step: int | str = "latest", out: str | Path | None = None, *,
-                device: str = "cpu", base: BaseSpec | None = None, progress: Progress = None) -> Bundle:
-        return api.restore(run, step, out, store=self.store, device=device, base=base, progress=progress)
-
-    def runs(self) -> list[str]:
-        return api.list_runs(self.store)
-
-    def commits(self, run: str) -> list[Commit]:
-        return api.list_commits(run, self.store)
-
-    def params(self, run: str) -> CodecParams:
-        return Chain(self.store, run).params()
-
-    def rebuild(self, run: str, out_dir: str | Path, *, base: BaseSpec | None = None,
-                progress: Progress = None) -> list[Path]:
-        return api.rebuild(run, out_dir, store=self.store, base=base, progress=progress)
-
-    def verify(self, run: str, *, base: BaseSpec | None = None, progress: Progress = None) -> VerifyReport:
-        return api.verify(run, store=self.store, base=base, progress=progress)
-
-    def inspect(self, run: str, step: int | str = "latest") -> dict[str, Any]:
-        return api.inspect_archive(run=run, step=step, store=self.store)
+CLIENT_OPTIONS = {"timeout", "retries", "backoff", "max_backoff", "retry_refused"}
 
 
 class ServiceTarget(Target):
@@ -130,6 +41,10 @@ class ServiceTarget(Target):
     def __init__(self, client: Client) -> None:
         self.client = client
         self.url = client.url
+
+    @property
+    def place(self) -> Place:
+        return Place.service(self.url)
 
     def close(self) -> None:
         self.client.close()
@@ -190,7 +105,7 @@ class ServiceTarget(Target):
         are added by :meth:`_fetch` as needed."""
         info = self.client.run(validate_run(run))
         with tempfile.TemporaryDirectory(prefix="excp-mirror-") as root:
-            chain = Chain(LocalStore(root), run)
+            chain = Chain(LocalStore(root), run, self.place)
             chain.create(info.params, info.base)
             for commit in self.client.checkpoints(run):
                 chain.adopt(commit)

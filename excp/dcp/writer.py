@@ -29,7 +29,6 @@ import hashlib
 import logging
 import os
 import tempfile
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -40,42 +39,35 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
 from excp.api import check_options
-from excp.bundle import Bundle, Role
+from excp.bundle import Bundle
 from excp.chain import Commit, Head, encode_archive, validate_step
-from excp.client.target import StoreTarget, Target, open_target
 from excp.codec.params import CodecParams, params_of
 from excp.dcp import items
-from excp.dcp.records import ShardedCommit, ShardedRun
 from excp.errors import Conflict, CorruptData, InvalidInput, NotFound
-from excp.store import Store
+from excp.sharded.heads import layout_of, recall, remember
+from excp.sharded.reader import no_checkpoint_id
+from excp.sharded.records import ShardedCommit, ShardedRun
+from excp.store import Store, open_store
+from excp.target import StoreTarget, Target, is_service_url, service_url
 
 log = logging.getLogger("excp.dcp")
 
 RECORD_READERS = 32
-_HEADS: dict[tuple[str, str, int], tuple[Head, dict]] = {}  # (store, run, rank) -> last save, its layout
-_HEADS_LOCK = threading.Lock()
 
 
 def store_of(target: str | Store | Target | None) -> Store:
-    """The store a sharded save goes to (each rank writes to it directly)."""
-    opened = open_target(target)
-    if not isinstance(opened, StoreTarget):
-        raise InvalidInput(f"{opened.url}: sharded saves write to a store directly (a directory or "
+    """The store a sharded save goes to, or a sharded load comes from (each rank reaches
+    it directly): a store URL (``None``: ``$EXCP_STORE`` or ``./excp-store``), a Store,
+    or a store Target; never an excp service."""
+    if isinstance(target, StoreTarget):
+        return target.store
+    if isinstance(target, Store):
+        return target
+    if isinstance(target, Target) or (isinstance(target, str) and is_service_url(target)):
+        url = target.url if isinstance(target, Target) else service_url(target)
+        raise InvalidInput(f"{url}: sharded saves write to a store directly (a directory or "
                            "s3://BUCKET/PREFIX that every rank reaches), not through an excp service")
-    return opened.store
-
-
-def this_rank(kwargs: dict[str, Any]) -> int:
-    """The rank DCP names in its set-up call, else the process group's (0 alone)."""
-    rank = kwargs.get("rank")
-    if rank is not None:
-        return rank
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def no_checkpoint_id(checkpoint_id: str | os.PathLike | None, cls: str) -> None:
-    if checkpoint_id is not None:
-        raise InvalidInput(f"{cls} takes the run and step as arguments; drop checkpoint_id={checkpoint_id!r}")
+    return open_store(target)
 
 
 class ExcpStorageWriter(StorageWriter):
@@ -149,8 +141,7 @@ class ExcpStorageWriter(StorageWriter):
 
     def _parent(self, rank: int, bundle: Bundle) -> Head | None:
         """The reconstruction this rank codes against, or None for a keyframe."""
-        with _HEADS_LOCK:
-            head, layout = _HEADS.get((self.sharded.store.url, self.sharded.run, rank), (None, None))
+        head, layout = recall(self.sharded.store, self.sharded.run, rank)
         label = f"excp: run {self.sharded.run} rank {rank} step {self.step}"
         if head is None:
             log.info("%s: keyframe, because this process holds no earlier step of this rank (a new "
@@ -164,7 +155,7 @@ class ExcpStorageWriter(StorageWriter):
             log.warning("%s: keyframe, because this rank's last save (step %d) was never committed",
                         label, head.commit.step)
             return None
-        if _layout(bundle) != layout:
+        if layout_of(bundle) != layout:
             log.warning("%s: keyframe, because the sharding changed since step %d (world size or "
                         "parallelism)", label, head.commit.step)
             return None
@@ -198,20 +189,6 @@ class ExcpStorageWriter(StorageWriter):
             raise Conflict(f"run {self.sharded.run!r}: another save committed step {self.step} first")
         log.info("excp: run %s step %d committed: %d ranks, %.1fx", self.sharded.run, self.step,
                  len(ranks), commit.ratio)
-
-
-def remember(store: Store, run: str, rank: int, head: Head, bundle: Bundle) -> None:
-    """Keep ``head`` as the parent of this process's next save of ``rank`` (the writer
-    after a save; the reader after loading the rank's own shard, so that a job resumed
-    on the same topology goes on with links rather than a keyframe)."""
-    with _HEADS_LOCK:
-        _HEADS[(store.url, run, rank)] = (head, _layout(bundle))
-
-
-def _layout(bundle: Bundle) -> dict[str, tuple[torch.Size, torch.dtype, Role]]:
-    """Every tensor's name, shape, dtype and role: equal between two saves of a rank
-    exactly when the world size and the sharding stayed the same."""
-    return {e.name: (e.tensor.shape, e.tensor.dtype, e.role) for e in bundle.tensors.values()}
 
 
 def _size(item: Any) -> int:

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from excp.errors import StoreUnavailable
+from excp.errors import InvalidInput, StoreUnavailable
 from excp.store.base import RESERVED_PREFIX, Store, is_key, validate_key, validate_prefix
 
 _CHUNK = 1 << 20
@@ -35,6 +35,12 @@ class LocalStore(Store):
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser().absolute()
+        if os.path.exists(self.root) and not os.path.isdir(self.root):
+            # Refused here, since reading through a file finds nothing: ``excp ls`` would
+            # print no runs and a restore would say the run does not exist.
+            what = "a file" if os.path.isfile(self.root) else "not a directory"
+            raise InvalidInput(f"store path {self.root} is {what}, not a store directory: pass the "
+                               "directory that holds runs/ (or a new path, made on the first push)")
 
     @property
     def url(self) -> str:

@@ -14,7 +14,7 @@ few times the archive's declared raw sizes, never what a forged header claims.
 Regressions found by these runs live in ``tests/fuzz/regressions`` (one archive or
 record per file, replayed by ``test_regressions``). The CI run is short
 (``EXCP_FUZZ_EXAMPLES``, default 60 per property); ``benchmarks/fuzz.py`` runs long
-campaigns and counts them for RELIABILITY.md.
+campaigns and counts them for docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ from hypothesis import strategies as st
 from excp.bundle import Bundle
 from excp.chain import Commit
 from excp.codec.pipeline import decode_archive
-from excp.dcp.records import ShardedCommit
 from excp.errors import ExcpError
 from excp.format.container import ArchiveReader
+from excp.sharded.records import ShardedCommit
 from tests.test_format import _index, _with_raw_index
 
 GOLDEN = Path(__file__).parent.parent / "golden" / "v1"
