@@ -7,8 +7,9 @@ floor, and the training-loop stall of the hook — one script for one device cal
 3. A synthetic checkpoint with AdamW state (``--params``, default 1e9), made on the
    device: keyframe and link encode, link decode, in G params/s, with the extra device
    memory the encoder takes (the training job owns the GPU).
-4. Stages, on one ``--tensor``-sized weight: residual, grid codes, values, moments,
-   k-means, bit packing, the copy of the packed streams to the host, zstd there.
+4. Stages, on one ``--tensor``-sized weight: residual, v's prediction and codes, m's
+   levels, per-position steps, weight codes, the copy of the packed streams to the
+   host, zstd there.
 5. The floor: bytes the encode and decode must move (inputs read once, outputs written
    once) over the measured bandwidth.
 6. A real model (excp's GPT, ``--model-layers`` x ``--model-width``) trained a few
@@ -42,9 +43,10 @@ from excp import api  # noqa: E402
 from excp.bundle import Bundle, Role, TensorEntry  # noqa: E402
 from excp.chain import Chain  # noqa: E402
 from excp.client import Checkpointer  # noqa: E402
-from excp.codec import kmeans, lossy, pack, uniform  # noqa: E402
+from excp.codec import adam  # noqa: E402
 from excp.codec.params import PRESETS  # noqa: E402
-from excp.codec.pipeline import _to_host, decode_archive  # noqa: E402
+from excp.codec.pipeline import _to_host, decode_archive, encode_unit  # noqa: E402
+from excp.codec.types import Encoded  # noqa: E402
 from excp.format.container import ArchiveReader, ArchiveWriter  # noqa: E402
 from excp.store import LocalStore, MemoryStore  # noqa: E402
 from excp.workload.corpus import vocab_size  # noqa: E402
@@ -145,18 +147,18 @@ def stages(tensor: int, device: torch.device) -> dict[str, float]:
     """Seconds per stage of coding one weight and its moments (the link's path)."""
     parent, child = synthetic(tensor, tensor, seed=2)
     name = next(iter(child.weights())).name
+    shape = tuple(child.tensors[name].tensor.shape)
     w = child.tensors[name].tensor.to(device).reshape(-1)
     base = parent.tensors[name].tensor.to(device).reshape(-1)
     m, v = (child.moments(name)[role].tensor.to(device).reshape(-1)
             for role in (Role.EXP_AVG, Role.EXP_AVG_SQ))
     params = PRESETS["default"]
-    delta = w - base
-    q = uniform.quantize(delta, params.weight_step)
-    values = uniform.values(q.packed, q.book, q.n)
-    positions = pack.flatnonzero(values != 0)
-    kept_m = m.index_select(0, positions)
-    kept_v = v.index_select(0, positions)
-    enc, _ = lossy.encode_unit(name, w, base, {Role.EXP_AVG: m, Role.EXP_AVG_SQ: v}, params, False)
+    moments = {Role.EXP_AVG: m, Role.EXP_AVG_SQ: v}
+    v_hat = adam._encode_second(Encoded(), "v", v, shape, params.v_step)
+    ref = adam._geometric_mean(v_hat)
+    grid = adam._grid(v_hat, ref)
+    q = adam.weight_step(params, 1e-4, w - base, False)
+    _, enc, _ = encode_unit(name, w, base, moments, params, False, 1e-4)
     host, arrived = _to_host(enc.streams)
     if arrived is not None:
         arrived.synchronize()
@@ -167,19 +169,19 @@ def stages(tensor: int, device: torch.device) -> dict[str, float]:
             event.synchronize()
 
     def zstd() -> None:
-        ArchiveWriter(io.BytesIO()).add_unit(name, "excp", [], {}, host)
+        ArchiveWriter(io.BytesIO()).add_unit(name, "adam", [], {}, host)
 
     return {
         "residual": timed(lambda: w - base, device),
-        "grid codes + packing": timed(lambda: uniform.quantize(delta, params.weight_step), device),
-        "values (reconstruction)": timed(lambda: uniform.values(q.packed, q.book, q.n), device),
-        "sent positions": timed(lambda: pack.flatnonzero(values != 0), device),
-        "moment mask + bit packing": timed(lambda: pack.pack_mask(kept_m.abs() > 1e-9), device),
-        "k-means m (sample, histogram, Lloyd, codes)":
-            timed(lambda: kmeans.quantize(kept_m, 8, kmeans.Domain("slog", 1e-6)), device),
-        "k-means v": timed(lambda: kmeans.quantize(kept_v, 8, kmeans.Domain("log")), device),
-        "whole unit (encode_unit)": timed(lambda: lossy.encode_unit(
-            name, w, base, {Role.EXP_AVG: m, Role.EXP_AVG_SQ: v}, params, False), device),
+        "v: rank-1 prediction + codes": timed(lambda: adam._encode_second(Encoded(), "v", v, shape,
+                                                                         params.v_step), device),
+        "m: m/sqrt(v) levels": timed(lambda: adam._encode_first(Encoded(meta={"dither": 1}), m, v_hat,
+                                                                params.m_step), device),
+        "per-position steps": timed(lambda: adam._grid(v_hat, ref), device),
+        "weight codes + reconstruction":
+            timed(lambda: adam._encode_weight(Encoded(meta={"dither": 1}), w - base, q, grid), device),
+        "whole unit (encode_unit)": timed(lambda: encode_unit(name, w, base, moments, params, False, 1e-4),
+                                          device),
         "packed streams to host": timed(copy_streams, device),
         "zstd on the host": timed(zstd, device),
     }

@@ -24,8 +24,9 @@ import torch
 
 from excp import memory
 from excp.bundle import Role
-from excp.codec import lossy, pack
+from excp.codec import pack
 from excp.codec.params import PRESETS
+from excp.codec.pipeline import encode_unit
 
 
 def _status(field: str) -> int:
@@ -53,7 +54,7 @@ def main() -> None:
         raise SystemExit("this measurement needs glibc: it hands every freed block back (mallopt)")
     if args.torch_path:
         pack.numpy_path = lambda _: False
-    n = int(args.elements)
+    n = int(args.elements) // 1024 * 1024  # a matrix of 1,024 columns
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(n, generator=gen) * 0.02
     w = base + torch.randn(n, generator=gen) * 4e-4
@@ -62,12 +63,14 @@ def main() -> None:
     gc.collect()
     _reset_peak()
     before = _status("VmRSS")
-    moments = {Role.EXP_AVG: m, Role.EXP_AVG_SQ: v}
-    enc, _ = lossy.encode_unit("w", w, base, moments, PRESETS[args.preset], False)
+    moments = {Role.EXP_AVG: m.view(-1, 1024), Role.EXP_AVG_SQ: v.view(-1, 1024)}
+    _, enc, _ = encode_unit("w", w.view(-1, 1024), base.view(-1, 1024), moments, PRESETS[args.preset], False,
+                            lr=1e-4)
     extra = _status("VmHWM") - before
+    streams = sum(t.numel() for t in enc.streams.values())
     print(json.dumps({"elements": n, "preset": args.preset, "torch_path": args.torch_path,
                       "extra_bytes": extra, "bytes_per_element": round(extra / n, 2),
-                      "sent_fraction": round(enc.meta["sent"] / n, 3)}))
+                      "stream_bytes_per_element": round(streams / n, 3)}))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Train a tiny GPT-2 with the Hugging Face Trainer, keep its checkpoints in excp, resume.
 
-    pip install 'excp[hf]'
+    pip install -e ".[hf]"    # in the excp checkout
     python examples/hf_trainer.py [STORE]
 
 STORE: a directory, a store URL (s3://...) or a service (excp://HOST:PORT);

@@ -1,6 +1,6 @@
 """Train a tiny model with PyTorch Lightning, keep its checkpoints in excp, resume.
 
-    pip install 'excp[lightning]'
+    pip install -e ".[lightning]"    # in the excp checkout
     python examples/lightning_loop.py [STORE]
 
 STORE: a directory, a store URL (s3://...) or a service (excp://HOST:PORT);

@@ -57,13 +57,16 @@ class Bundle:
     ``layout`` names the adapter that made it (``torch_dict``, ``hf_trainer``,
     ``state_dict``) so restore can write the same layout back; ``extras`` are opaque
     bytes the adapter needs to rebuild everything that is not a tensor; ``step`` is
-    the training step the checkpoint says it was taken at, when it says so.
+    the training step the checkpoint says it was taken at, when it says so. ``lr``
+    holds each weight's learning rate at that step (its optimizer group's), where the
+    checkpoint says: the codec sizes weight errors in Adam steps of that length.
     """
 
     layout: str
     tensors: dict[str, TensorEntry] = field(default_factory=dict)
     extras: dict[str, bytes] = field(default_factory=dict)
     step: int | None = None
+    lr: dict[str, float] = field(default_factory=dict)
 
     def add(self, entry: TensorEntry) -> None:
         if entry.name in self.tensors:

@@ -1,13 +1,15 @@
 """The ``excp`` command: parse, call :mod:`excp.api`, print, map errors to exit codes.
 
-Exit codes: 0 ok; 1 unexpected error; 2 invalid input; 3 not found; 4 conflict;
-5 corrupt data; 6 unsupported format version; 7 store or service unavailable;
-8 the service refused the token.
+Exit codes: 0 ok; 1 unexpected error; 2 invalid input (usage errors too: a missing
+argument, a bad option value, an unknown option); 3 not found; 4 conflict; 5 corrupt
+data; 6 unsupported format version; 7 store or service unavailable; 8 the service
+refused the token. Every error is one ``excp: error [<code>]: ...`` line on stderr.
 """
 
 from __future__ import annotations
 
 import os
+import time
 
 # Large tensors on transparent huge pages: fewer page faults when restored tensors are
 # allocated (a documented PyTorch allocator switch, read when torch loads).
@@ -25,10 +27,12 @@ import click
 from tqdm import tqdm
 
 from excp import api, memory
-from excp.client.http import is_service_url
-from excp.client.target import Target, open_target
+from excp.cli_usage import OneLineUsage
+from excp.client.target import open_target
 from excp.codec.params import PRESETS, WEIGHT_RULES, preset
 from excp.errors import ExcpError, InvalidInput
+from excp.target import Target, is_service_url
+from excp.units import human_bytes
 
 STORE_HELP = ("Store URL: a directory, file://DIR, s3://BUCKET/PREFIX, memory://, or a service as "
               "excp://HOST:PORT (default: $EXCP_STORE or ./excp-store).")
@@ -57,16 +61,15 @@ def _bar(total: int, unit: str, desc: str) -> Iterator[Callable[[int], None]]:
 
 def _base(seed: int | None, factory: str | None) -> api.BaseSpec | None:
     if (seed is None) != (factory is None):
-        raise click.UsageError("--init-seed and --model-factory go together")
+        raise click.UsageError("--init-seed and --model-factory go together: give both, or neither")
     return None if seed is None else api.BaseSpec(seed, factory)
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return str(n)
+def _columns(rows: list[tuple[str, ...]], right: set[int]) -> list[str]:
+    """Rows as aligned text, each column as wide as its widest cell: nothing is cut."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in
+                      enumerate(zip(row, widths, strict=True))).rstrip() for row in rows]
 
 
 store_option = click.option("--store", default=None, envvar="EXCP_STORE", help=STORE_HELP)
@@ -107,7 +110,7 @@ def with_base(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-@click.group()
+@click.group(cls=OneLineUsage, name="excp")
 @click.version_option(package_name="excp")
 def main() -> None:
     """excp: checkpoint compression for training runs."""
@@ -124,11 +127,17 @@ def main() -> None:
 @click.option("--mode", type=click.Choice(["excp", "lossless"]), default=None,
               help="Lossy ExCP or bit-exact.")
 @click.option("--weight-rule", type=click.Choice(list(WEIGHT_RULES)), default=None,
-              help="How weight residuals are coded: uniform (default), paper or keep (k-means).")
+              help="How a weight and its Adam state are coded: adam (default), uniform, paper or keep.")
+@click.option("--lr-step", type=float, default=None,
+              help="Adam rule: weight level spacing in units of the learning rate (quality knob).")
+@click.option("--v-step", type=int, default=None,
+              help="Adam rule: v is kept within a factor 2^(v_step/2).")
+@click.option("--m-step", type=float, default=None,
+              help="Adam rule: level spacing of m/sqrt(v).")
 @click.option("--weight-step", type=float, default=None,
-              help="Uniform rule: quantizer step as a fraction of the residual's RMS (quality knob).")
+              help="Uniform rule (and adam without a learning rate): residual step as a fraction of its RMS.")
 @click.option("--keyframe-step", type=float, default=None,
-              help="Uniform rule: the same for keyframes, as a fraction of the weights' RMS.")
+              help="The same for keyframes, as a fraction of the weights' RMS.")
 @click.option("--alpha", type=float, default=None, help="Weight pruning strength (paper rule).")
 @click.option("--beta", type=float, default=None, help="Moment pruning strength.")
 @click.option("--weight-bits", type=int, default=None, help="Paper/keep rules: bits per residual code.")
@@ -151,8 +160,8 @@ def push(path: str, run: str, step: int | None, target: Target, preset_name: str
     c = result.commit
     state = "committed" if result.created else "already stored (no-op)"
     kind = "keyframe" if c.keyframe else f"link {c.depth}"
-    click.echo(f"step {c.step} {state}: {kind}, raw {_human(c.raw_bytes)}, "
-               f"stored {_human(c.size)}, ratio {c.ratio:.1f}x")
+    click.echo(f"step {c.step} {state}: {kind}, raw {human_bytes(c.raw_bytes)}, "
+               f"stored {human_bytes(c.size)}, ratio {c.ratio:.1f}x")
 
 
 @main.command()
@@ -178,17 +187,26 @@ def restore(run: str, step: str, out: str, target: Target, device: str,
 @_fail_cleanly
 def ls(run: str | None, target: Target) -> None:
     """List runs, or a run's checkpoints with sizes, ratios and keyframes."""
+    place = target.place
     if run is None:
-        for name in target.runs():
+        names = target.runs()
+        for name in names:
             click.echo(name)
+        if not names:  # on stderr: stdout stays a list of run names, empty here
+            click.echo(f"no runs {place.where} yet: push one with "
+                       f"`excp push CHECKPOINT --run NAME {place.option}`", err=True)
         return
     commits = target.commits(run)
+    if not commits:
+        click.echo(f"run {run!r} has no checkpoints yet: push one with "
+                   f"`excp push CHECKPOINT --run {run} {place.option}`", err=True)
+        return
     click.echo(f"{'step':>12}  {'kind':<9} {'parent':>8} {'raw':>10} {'stored':>10} {'ratio':>8}")
     for c in commits:
         kind = "keyframe" if c.keyframe else "link"
         parent = "-" if c.parent is None else str(c.parent)
-        click.echo(f"{c.step:>12}  {kind:<9} {parent:>8} {_human(c.raw_bytes):>10} "
-                   f"{_human(c.size):>10} {c.ratio:>7.1f}x")
+        click.echo(f"{c.step:>12}  {kind:<9} {parent:>8} {human_bytes(c.raw_bytes):>10} "
+                   f"{human_bytes(c.size):>10} {c.ratio:>7.1f}x")
 
 
 @main.command()
@@ -199,7 +217,7 @@ def ls(run: str | None, target: Target) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
 @_fail_cleanly
 def inspect(archive: str | None, run: str | None, step: str | None, target: Target, as_json: bool) -> None:
-    """Show an archive's codec parameters, tensor table and checksums."""
+    """Show an archive's codec parameters and tensor table (--json: every chunk's xxh64 too)."""
     if archive is not None or run is None:
         info = api.inspect_archive(archive, run=run, step=step)
     else:
@@ -211,15 +229,15 @@ def inspect(archive: str | None, run: str | None, step: str | None, target: Targ
     click.echo(f"run {header.get('run')} step {header.get('step')} layout {header.get('layout')} "
                f"{'keyframe' if header.get('keyframe') else 'link of ' + str(header.get('parent'))}")
     click.echo("params " + json.dumps(header.get("params")))
-    click.echo(f"{'tensor':<40} {'codec':<7} {'dtype':<9} {'shape':<16} {'stored':>10}  xxh64")
+    rows = [("tensor", "codec", "dtype", "shape", "stored")]
     for unit in info["units"]:
-        stored = sum(s["stored"] for s in unit["streams"].values())
         first = unit["tensors"][0]
-        digests = ",".join(d for s in unit["streams"].values() for d in s["xxh64"][:1])
-        click.echo(f"{unit['name'][:40]:<40} {unit['codec']:<7} {first['dtype']:<9} "
-                   f"{str(tuple(first['shape'])):<16} {_human(stored):>10}  {digests[:35]}")
+        rows.append((unit["name"], unit["codec"], first["dtype"], str(tuple(first["shape"])),
+                     human_bytes(sum(s["stored"] for s in unit["streams"].values()))))
+    for row in _columns(rows, right={4}):
+        click.echo(row)
     for name, size in info["extras"].items():
-        click.echo(f"extra {name} ({_human(size)})")
+        click.echo(f"extra {name} ({human_bytes(size)})")
 
 
 @main.command()
@@ -246,7 +264,7 @@ def verify(run: str, target: Target, init_seed: int | None, model_factory: str |
     total = len(target.commits(run))
     with _bar(total, "ckpt", "verify") as progress:
         report = target.verify(run, base=_base(init_seed, model_factory), progress=progress)
-    click.echo(f"ok: {report.checkpoints} checkpoints, {_human(report.bytes_checked)} verified")
+    click.echo(f"ok: {report.checkpoints} checkpoints, {human_bytes(report.bytes_checked)} verified")
 
 
 @main.command()
@@ -260,7 +278,7 @@ def gc(run: str | None, dry_run: bool, store: str | None) -> None:
     for key in report.keys:
         click.echo(key)
     verb = "would delete" if dry_run else "deleted"
-    click.echo(f"{verb} {len(report.keys)} unreferenced objects, {_human(report.bytes)}")
+    click.echo(f"{verb} {len(report.keys)} unreferenced objects, {human_bytes(report.bytes)}")
 
 
 @main.command()
@@ -333,13 +351,17 @@ def demo(store: str | None, config: str, steps: int, every: int, preset_name: st
 
     if steps < every or every < 1:
         raise click.UsageError("--steps must be at least --every, and --every at least 1")
+    start = time.perf_counter()
     result = run_demo(open_store(store), config=config, steps=steps, every=every,
                       params=preset(preset_name), report=click.echo)
     click.echo(f"stored {len(result.commits)} checkpoints of run {result.run!r}: "
                f"{result.ratio:.1f}x smaller than fp32 weights + Adam moments")
     click.echo(f"final eval loss: {result.loss_excp:.4f} resumed from excp vs "
                f"{result.loss_uncompressed:.4f} uncompressed ({100 * result.loss_delta:+.2f}%)")
-    click.echo(f"restored step {result.commits[-1].step} to {result.restored_path}")
+    click.echo("(the run that resumed from every compressed checkpoint ends within that much of the "
+               "run that never stopped; docs/fidelity.md measures it across training regimes)")
+    click.echo(f"restored step {result.commits[-1].step} to {result.restored_path} "
+               f"({time.perf_counter() - start:.0f} s in all)")
 
 
 @main.command()

@@ -66,8 +66,12 @@ def run_demo(store: Store, *, config: str = "small", steps: int = 300, every: in
     with torch.random.fork_rng():
         compressed = run_chain(config, total, every, seed, on_checkpoint)
     report("training the same run without excp, for reference")
+
+    def on_reference(step: int, state: dict) -> None:
+        report(f"  step {step:>5}: reference")
+
     with torch.random.fork_rng():
-        reference = run_chain(config, total, every, seed)
+        reference = run_chain(config, total, every, seed, on_reference)
     out = Path(out_dir or tempfile.mkdtemp(prefix="excp-demo-"))
     restored = api.restore(run, commits[-1].step, out / f"step-{commits[-1].step}.pt", store=store)
     path = out / f"step-{restored.step}.pt"

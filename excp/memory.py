@@ -3,7 +3,7 @@
 Restoring a checkpoint writes every weight and both moments into fresh tensors. glibc
 serves allocations above its mmap threshold (at most 32 MiB by default) with fresh
 ``mmap`` pages and unmaps them on free, so every restore page-faults its whole
-output again: on this project's 2-core machine that fault cost is larger than all of
+output again: on a 2-core machine that fault cost is larger than all of
 the decoding. Raising the mmap and trim thresholds keeps freed memory in the process,
 so a long-lived process (a server, a rebuild walking a chain) reuses it.
 

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import math
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -24,15 +28,11 @@ import transformers
 
 import excp.client
 from excp.api import list_commits
+from excp.codec import adam
+from excp.codec.params import PRESETS
 from excp.errors import Conflict, InvalidInput
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    """The L2 distance between two state dicts' float tensors, over the keys of ``a``."""
-    return math.sqrt(sum(float((a[k].float() - b[k].float()).pow(2).sum()) for k in a
-                         if a[k].is_floating_point()))
 
 
 def _clone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -40,15 +40,15 @@ def _clone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _assert_restored(restored: dict[str, torch.Tensor], saved: dict[int, dict[str, torch.Tensor]],
-                     step: int, previous: int) -> None:
-    """``restored`` is step ``step`` as saved, within the codec's error: it codes the
-    change since ``previous`` with a quantizer step of 1.5 RMS, whose error is about 0.43
-    of that change (less for Adam's heavy-tailed updates), and it is no other step.
-    GPT-2's ``lm_head.weight`` is the embedding itself and is not in its files."""
+                     step: int, lr: float) -> None:
+    """``restored`` is step ``step`` as saved, within the codec's error: every weight
+    within half of the coarsest level spacing of the default preset (q·2^COARSER,
+    q = lr_step·lr). GPT-2's ``lm_head.weight`` is the embedding itself and is not in
+    its files."""
     assert restored.keys() == saved[step].keys() - {"lm_head.weight"}
-    error, moved = _distance(restored, saved[step]), _distance(saved[step], saved[previous])
-    assert error < 0.6 * moved, (error, moved)
-    assert all(error < _distance(restored, other) for s, other in saved.items() if s != step)
+    bound = 0.5 * PRESETS["default"].lr_step * lr * 2**adam.COARSER * (1 + 1e-5)
+    for name, tensor in restored.items():
+        assert float((tensor.float() - saved[step][name].float()).abs().max()) <= bound, name
 
 
 # --- Hugging Face Trainer --------------------------------------------------------------
@@ -108,7 +108,7 @@ def test_trainer_callback_pushes_every_save_and_the_trainer_resumes(tmp_path: Pa
     excp.client.restore("hf-run", 6, out=restored, target=store)
     assert json.loads((restored / "trainer_state.json").read_text())["global_step"] == 6
     assert {"optimizer.pt", "scheduler.pt", "rng_state.pth", "config.json"} <= set(os.listdir(restored))
-    _assert_restored(load_file(restored / "model.safetensors"), recorder.saved, 6, 3)
+    _assert_restored(load_file(restored / "model.safetensors"), recorder.saved, 6, 3e-3)
 
     # Resuming into the same run from an earlier step is refused before a step is trained...
     resumed, callback = _hf_recorder(), ExcpTrainerCallback("hf-run", store)
@@ -126,6 +126,70 @@ def test_trainer_callback_pushes_every_save_and_the_trainer_resumes(tmp_path: Pa
     assert resumed.steps == [7, 8, 9]
     assert math.isfinite(result.training_loss)
     assert [c.step for c in list_commits("hf-run-2", store)] == [9]
+
+
+@contextmanager
+def _logging_never_configured() -> Iterator[logging.Logger]:
+    """Logging as a training script that never set it up sees it (no handler anywhere,
+    not even pytest's); afterwards everything is as it was. Yields the saves logger."""
+    saves, handlers = logging.getLogger("excp.client.saves"), logging.root.handlers
+    logging.root.handlers = []
+    try:
+        yield saves
+    finally:
+        logging.root.handlers = handlers
+        for handler in list(saves.handlers):
+            saves.removeHandler(handler)
+        saves.setLevel(logging.NOTSET)
+
+
+def _trainer_dir(output_dir: Path, step: int) -> None:
+    """A Trainer's ``checkpoint-<step>`` directory, as ``on_save`` finds it."""
+    from safetensors.torch import save_file
+
+    directory = output_dir / f"checkpoint-{step}"
+    directory.mkdir(parents=True)
+    save_file({"w": torch.randn(16, 16), "b": torch.zeros(16)}, directory / "model.safetensors")
+    (directory / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+
+
+def test_trainer_callback_counts_its_read_and_logs_each_push(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """The directory is read on the training loop: that read is the save's stall, and each
+    push says so in one INFO line a user sees without configuring logging."""
+    from excp.client import hook
+    from excp.client.hf import ExcpTrainerCallback
+
+    clock = [100.0]  # a clock that moves only while the directory is read
+    read = hook.load_checkpoint
+
+    def slow_read(path: Path, **kwargs: Any) -> Any:
+        clock[0] += 2.5
+        return read(path, **kwargs)
+
+    monkeypatch.setattr(hook, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(hook, "load_checkpoint", slow_read)
+    _trainer_dir(tmp_path / "out", 3)
+    with _logging_never_configured() as saves:
+        callback = ExcpTrainerCallback("hf-log", str(tmp_path / "store"))
+        callback.on_save(SimpleNamespace(output_dir=str(tmp_path / "out")),
+                         SimpleNamespace(global_step=3, is_world_process_zero=True), None)
+        callback.close()
+        assert len(saves.handlers) == 1
+    assert callback.checkpointer.stats.snapshot_s == 2.5
+    assert [c.step for c in list_commits("hf-log", str(tmp_path / "store"))] == [3]
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("excp: ")]
+    assert len(lines) == 1, lines
+    assert re.fullmatch(r"excp: run hf-log step 3 committed: keyframe, [\d.]+ K?B stored \([\d.]+x\); "
+                        r"2\.50 s on the training loop, [\d.]+ s in the background", lines[0]), lines[0]
+
+
+def test_trainer_callback_leaves_configured_logging_alone(tmp_path: Path) -> None:
+    from excp.client.hf import ExcpTrainerCallback
+
+    assert logging.root.handlers  # pytest's own: logging is configured here
+    ExcpTrainerCallback("hf-quiet", str(tmp_path / "store")).close()
+    assert logging.getLogger("excp.client.saves").handlers == []
 
 
 # --- PyTorch Lightning -----------------------------------------------------------------
@@ -201,7 +265,7 @@ def test_lightning_callback_pushes_every_save_and_lightning_resumes(tmp_path: Pa
     excp.client.restore("pl-run", 8, out=ckpt, target=store)
     restored = torch.load(ckpt, weights_only=True)  # as Lightning loads it by default
     assert restored["global_step"] == 8 and len(restored["optimizer_states"]) == 1
-    _assert_restored(restored["state_dict"], recorder.saved, 8, 4)
+    _assert_restored(restored["state_dict"], recorder.saved, 8, 1e-2)
 
     # Resuming into the same run from an earlier step is refused before a step is trained...
     resumed = _lightning_recorder()
@@ -277,12 +341,12 @@ def test_bad_options_give_one_line_errors(tmp_path: Path, module: str, options: 
 
 
 @pytest.mark.parametrize(("module", "framework", "extra"), [
-    ("excp.client.hf", "transformers", "excp[hf]"),
-    ("excp.client.lightning", "pytorch_lightning", "excp[lightning]"),
+    ("excp.client.hf", "transformers", "hf"),
+    ("excp.client.lightning", "pytorch_lightning", "lightning"),
 ])
 def test_a_missing_framework_names_the_extra(monkeypatch: pytest.MonkeyPatch, module: str, framework: str,
                                              extra: str) -> None:
     monkeypatch.setitem(sys.modules, framework, None)  # what an uninstalled package imports as
     monkeypatch.delitem(sys.modules, module, raising=False)
-    with pytest.raises(InvalidInput, match=re.escape(f"pip install '{extra}'")):
+    with pytest.raises(InvalidInput, match=re.escape(f"pip install -e '.[{extra}]'")):
         importlib.import_module(module)

@@ -4,8 +4,10 @@ the exit code the module docstring of ``excp.cli`` documents."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import pickle
 import re
 import shutil
 import subprocess
@@ -17,7 +19,12 @@ import torch
 from click.testing import CliRunner, Result
 
 from excp import api
+from excp.chain import Chain
 from excp.cli import main
+from excp.cli_usage import MISSING_FIXES
+from excp.codec.params import CodecParams
+from excp.store import LocalStore
+from tests.serve_fixtures import free_port
 
 PUSHED = re.compile(r"^step (\d+) (committed|already stored \(no-op\)): (keyframe|link \d+), "
                     r"raw ([\d.]+ [KMGT]?B), stored ([\d.]+ [KMGT]?B), ratio ([\d.]+)x$")
@@ -155,7 +162,7 @@ def test_inspect_an_archive_and_a_stored_step(cli, checkpoints, store) -> None:
     text = _ok(cli("inspect", str(first))).splitlines()
     assert text[0] == "run r step 2 layout torch_dict keyframe"
     assert json.loads(text[1].removeprefix("params "))["mode"] == "excp"
-    assert any(line.startswith("0.weight ") and " excp " in line for line in text)
+    assert any(line.startswith("0.weight ") and " adam " in line for line in text)
 
     text = _ok(cli("inspect", "--run", "r", "--step", "4")).splitlines()
     assert text[0] == "run r step 4 layout torch_dict link of 2"
@@ -166,8 +173,9 @@ def test_inspect_an_archive_and_a_stored_step(cli, checkpoints, store) -> None:
     names = {unit["name"] for unit in info["units"]}
     assert {"0.weight", "3.bias"} <= names
     weight = next(u for u in info["units"] if u["name"] == "0.weight")
-    assert weight["codec"] == "excp" and {"wcodes", "wbook"} <= set(weight["streams"])
-    assert weight["meta"]["dense"] and "mask" not in weight["streams"]
+    assert weight["codec"] == "adam"
+    assert {"wcodes", "vcodes", "mcodes", "vrow", "vcol"} <= set(weight["streams"])
+    assert weight["meta"]["q"] > 0 and "mask" not in weight["streams"]
 
     as_file = json.loads(_ok(cli("inspect", str(first), "--json")))
     assert as_file["header"]["keyframe"] is True and "commit" not in as_file
@@ -271,12 +279,12 @@ def test_rebuild_into_a_non_empty_dir_exits_2(cli, checkpoints, tmp_path) -> Non
 
 
 def test_init_seed_without_model_factory_is_a_usage_error(cli, checkpoints, tmp_path) -> None:
-    result = cli("push", str(checkpoints[0][0]), "--run", "r", "--init-seed", "1")
-    assert result.exit_code == 2
-    assert "Usage:" in result.stderr and "--init-seed and --model-factory go together" in result.stderr
-    assert "excp: error [" not in result.stderr
-    result = cli("restore", "--run", "r", "--init-seed", "1", "-o", str(tmp_path / "z.pt"))
-    assert result.exit_code == 2 and "go together" in result.stderr
+    line = _error(cli("push", str(checkpoints[0][0]), "--run", "r", "--init-seed", "1"), 2, "invalid_input")
+    assert line.endswith("--init-seed and --model-factory go together: give both, or neither "
+                         "(see excp push --help)")
+    line = _error(cli("restore", "--run", "r", "--init-seed", "1", "-o", str(tmp_path / "z.pt")), 2,
+                  "invalid_input")
+    assert "go together" in line and "(see excp restore --help)" in line
 
 
 def test_restore_on_an_unavailable_device_is_a_clear_error(tmp_path) -> None:
@@ -299,15 +307,17 @@ def test_restore_on_an_unavailable_device_is_a_clear_error(tmp_path) -> None:
 def test_codec_options_pick_the_rule_and_the_quality(cli, checkpoints) -> None:
     first, _ = checkpoints[0]
     ratio = {}
-    for run, options in {"fine": ["--weight-step", "0.5", "--keyframe-step", "0.02"],
-                         "coarse": ["--weight-step", "3", "--keyframe-step", "0.5"],
+    for run, options in {"fine": ["--lr-step", "2", "--m-step", "0.25", "--v-step", "1"],
+                         "coarse": ["--lr-step", "32", "--m-step", "2", "--v-step", "4"],
+                         "uniform": ["--weight-rule", "uniform", "--weight-step", "3"],
                          "paper": ["--weight-rule", "paper", "--weight-bits", "4"]}.items():
         match = PUSHED.match(_ok(cli("push", str(first), "--run", run, *options)).strip())
         assert match, run
         info = json.loads(_ok(cli("inspect", "--run", run, "--step", "2", "--json")))
         weight = next(u for u in info["units"] if u["name"] == "0.weight")
         assert ("mask" in weight["streams"]) == (run == "paper")
-        assert info["header"]["params"]["weight_rule"] == ("paper" if run == "paper" else "uniform")
+        assert weight["codec"] == ("excp" if run in ("paper", "uniform") else "adam")
+        assert info["header"]["params"]["weight_rule"] == (run if run in ("paper", "uniform") else "adam")
         ratio[run] = float(match.group(6))
     assert ratio["coarse"] > ratio["fine"]
 
@@ -315,7 +325,10 @@ def test_codec_options_pick_the_rule_and_the_quality(cli, checkpoints) -> None:
 @pytest.mark.parametrize(("options", "message"), [
     (["--weight-step", "0"], "weight_step must be in"),
     (["--keyframe-step", "-1"], "keyframe_step must be in"),
-    (["--weight-rule", "median"], "Invalid value for '--weight-rule'"),
+    (["--weight-rule", "median"], "invalid value for '--weight-rule'"),
+    (["--lr-step", "0"], "lr_step must be in"),
+    (["--v-step", "0"], "v_step must be an integer in 1..16"),
+    (["--m-step", "-1"], "m_step must be in"),
 ])
 def test_bad_codec_options_are_one_line_errors(cli, checkpoints, options, message) -> None:
     first, _ = checkpoints[0]
@@ -332,3 +345,112 @@ def test_two_restores_of_a_step_are_the_same_bytes(cli, checkpoints, tmp_path) -
     _ok(cli("restore", "--run", "same", "--step", "4", "-o", str(tmp_path / "a.pt")))
     _ok(cli("restore", "--run", "same", "--step", "4", "-o", str(tmp_path / "other-name.pt")))
     assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "other-name.pt").read_bytes()
+
+
+# --- usage errors: one line naming the problem and the fix ------------------------------
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["push"], "missing argument 'PATH': give the checkpoint file or Hugging Face Trainer checkpoint "
+               "directory to push (see excp push --help)"),
+    (["push", "CHECKPOINT"], "missing option '--run': name the run with --run NAME (see excp push --help)"),
+    (["restore", "--run", "r"], "missing option '--out': say where to write with --out PATH "
+                                "(see excp restore --help)"),
+    (["push", "CHECKPOINT", "--run", "r", "--preset", "best"],
+     "invalid value for '--preset': 'best' is not one of 'paper', 'safe', 'default', 'max', 'lossless' "
+     "(see excp push --help)"),
+    (["push", "CHECKPOINT", "--run", "r", "--step", "x"],
+     "invalid value for '--step': 'x' is not a valid integer (see excp push --help)"),
+    (["ls", "--bogus"], "no such option '--bogus' (see excp ls --help)"),
+    (["ls", "--rnu", "r"], "no such option '--rnu'; did you mean '--run'? (see excp ls --help)"),
+    (["lst"], "no such command 'lst'; did you mean 'ls'? (see excp --help)"),
+    (["nothing-like-it"], "no such command 'nothing-like-it' (see excp --help)"),
+])
+def test_usage_errors_are_one_line_with_the_fix(cli, checkpoints, args, expected) -> None:
+    args = [str(checkpoints[0][0]) if a == "CHECKPOINT" else a for a in args]
+    line = _error(cli(*args), 2, "invalid_input")
+    assert line == f"excp: error [invalid_input]: {expected}"
+
+
+def test_help_and_version_still_work(cli) -> None:
+    assert _ok(cli("push", "--help")).startswith("Usage: excp push [OPTIONS] PATH")
+    assert "Reconstruct a step of RUN" in _ok(cli("restore", "--help"))
+    assert _ok(cli("--version")).startswith("excp, version ")
+    bare = cli()  # no command: the group's help, as click shows it
+    assert bare.exit_code == 2 and "Commands:" in bare.output and "excp: error" not in bare.output
+
+
+def test_every_required_parameter_has_a_fix() -> None:
+    required = {param.name for command in main.commands.values() for param in command.params
+                if param.required}
+    assert required and required <= set(MISSING_FIXES), required - set(MISSING_FIXES)
+
+
+def test_a_store_path_that_is_a_file_is_refused_by_every_command(cli, checkpoints, tmp_path) -> None:
+    file = tmp_path / "not-a-store.pt"
+    file.write_bytes(b"x")
+    for args in (["ls"], ["ls", "--run", "r"], ["push", str(checkpoints[0][0]), "--run", "r"],
+                 ["restore", "--run", "r", "-o", str(tmp_path / "out.pt")], ["verify", "--run", "r"],
+                 ["inspect", "--run", "r"], ["rebuild", "--run", "r", "-o", str(tmp_path / "out")], ["gc"]):
+        line = _error(cli(*args, "--store", str(file)), 2, "invalid_input")
+        assert line == (f"excp: error [invalid_input]: store path {file} is a file, not a store directory: "
+                        "pass the directory that holds runs/ (or a new path, made on the first push)"), args
+    assert file.read_bytes() == b"x"
+
+
+def test_ls_of_an_empty_store_and_of_a_run_without_checkpoints_says_so(cli, store) -> None:
+    result = cli("ls")
+    assert result.exit_code == 0 and result.stdout == ""
+    assert result.stderr == (f"no runs in {store.as_uri()} yet: push one with "
+                             f"`excp push CHECKPOINT --run NAME --store {store.as_uri()}`\n")
+    Chain(LocalStore(store), "fresh").create(CodecParams(), None)  # as a push that died before committing
+    result = cli("ls", "--run", "fresh")
+    assert result.exit_code == 0 and result.stdout == ""
+    assert result.stderr == (f"run 'fresh' has no checkpoints yet: push one with "
+                             f"`excp push CHECKPOINT --run fresh --store {store.as_uri()}`\n")
+    assert _ok(cli("ls")) == "fresh\n"
+
+
+def test_a_missing_run_names_the_store_and_how_to_list_it(cli, checkpoints, store) -> None:
+    _push_all(cli, checkpoints[:1])
+    line = _error(cli("verify", "--run", "nope"), 3, "not_found")
+    assert line.endswith(f"run 'nope' does not exist in {store.as_uri()}: check the name with "
+                         f"`excp ls --store {store.as_uri()}`")
+    out = str(store.parent / "x.pt")
+    line = _error(cli("restore", "--run", "r", "--step", "9", "-o", out), 3, "not_found")
+    assert line.endswith(f"list its steps with `excp ls --store {store.as_uri()} --run r`")
+
+
+def test_inspect_prints_whole_names_and_no_cut_checksums(cli, store) -> None:
+    long_name = "model.layers.11.self_attention.query_key_value.weight"
+    api.push({long_name: torch.randn(8, 8), "b": torch.zeros(8)}, "long", step=1, store=str(store))
+    names = [unit["name"] for unit in json.loads(_ok(cli("inspect", "--run", "long", "--json")))["units"]]
+    assert long_name in names
+    table = _ok(cli("inspect", "--run", "long")).splitlines()
+    assert table[2].split() == ["tensor", "codec", "dtype", "shape", "stored"]
+    assert [line.split()[0] for line in table[3:3 + len(names)]] == names
+
+
+@pytest.mark.parametrize(("write", "reason"), [
+    (lambda path: path.write_text("hello"), "it is not a file torch.save wrote"),
+    (lambda path: path.write_bytes(b""), "the file is empty"),
+    (lambda path: torch.save({"when": datetime.date(2024, 1, 1)}, path),
+     "it holds a pickled datetime.date, which excp does not unpickle (only tensors and plain Python "
+     "values load safely)"),
+    (lambda path: path.write_bytes(pickle.dumps({"w": [1.0]}, protocol=4)),
+     "it is not a file torch.save wrote"),
+])
+def test_not_a_checkpoint_is_one_complete_line(cli, tmp_path, write, reason) -> None:
+    path = tmp_path / "thing.pt"
+    write(path)
+    line = _error(cli("push", str(path), "--run", "r", "--step", "1"), 2, "invalid_input")
+    assert line == (f"excp: error [invalid_input]: {path} is not a checkpoint: {reason}; excp accepts a "
+                    "torch.save'd dict with 'model' and 'optimizer', a Hugging Face Trainer checkpoint "
+                    "directory, or a bare state_dict")
+
+
+def test_nothing_listening_at_the_server_is_one_line_at_once(cli) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    line = _error(cli("ls", "--server", url), 7, "service_unavailable")
+    assert line == (f"excp: error [service_unavailable]: cannot reach the excp service at {url}: connection "
+                    "refused; start it with `excp serve` or check --server")

@@ -23,7 +23,9 @@ def test_demo_trains_pushes_restores_and_reports(tmp_path) -> None:
     loss_line = next(line for line in lines if line.startswith("final eval loss"))
     losses = [float(tok) for tok in loss_line.replace("(", " ").split() if tok[0].isdigit()]
     assert all(math.isfinite(x) for x in losses)
-    restored = lines[-1].split(" to ")[-1]
+    assert sum(line.endswith(": reference") for line in lines) == 2  # the reference run shows progress too
+    assert any("docs/fidelity.md" in line for line in lines)
+    restored = lines[-1].split(" to ")[-1].rsplit(" (", 1)[0]
     ckpt = torch.load(restored, weights_only=True)
     assert ckpt["step"] == 40 and "model" in ckpt and "optimizer" in ckpt
     assert "training tiny GPT for 50 steps" in lines[0]

@@ -1,4 +1,4 @@
-"""Container v1 (FORMAT.md): exact layout, roundtrips, determinism, and a suspicious reader.
+"""Container v1 (docs/format.md): exact layout, roundtrips, determinism, and a suspicious reader.
 
 Whatever bytes the reader is given, every failure must be ``CorruptData`` (or its
 subclass ``UnsupportedVersion``), raised before anything is allocated from a size the

@@ -32,6 +32,10 @@ CASES = {
     "lossless": ("lossless", "torch_dict", True, torch.float32, False),
     "uniform": ("excp", "torch_dict", True, torch.float32, False),
     "uniform_bf16": ("excp", "torch_dict", True, torch.bfloat16, False),
+    "adam": ("excp", "torch_dict", True, torch.float32, False),
+    "adam_bf16": ("excp", "torch_dict", True, torch.bfloat16, False),
+    "adam_amsgrad": ("excp", "torch_dict", True, torch.float32, True),
+    "adam_weights_only": ("excp", "state_dict", False, torch.float32, False),
 }
 
 
@@ -67,8 +71,11 @@ def test_golden_chain_decodes_bit_identically(case: str) -> None:
             assert header["params"]["mode"] == mode
             assert header["keyframe"] == (i == 0)
             assert header["parent"] == (None if i == 0 else steps[i - 1])
+            codecs = {u.codec for u in reader.units} - {"planes"}
+            assert codecs == ({"adam"} if case.startswith("adam") else {"excp"} if mode == "excp" else set())
             dense = {bool(u.meta.get("dense")) for u in reader.units if u.codec == "excp"}
-            assert dense == ({True} if case.startswith("uniform") else {False} if mode == "excp" else set())
+            assert dense == ({True} if case.startswith("uniform") else set() if case.startswith("adam")
+                             else {False} if mode == "excp" else set())
             bundle, recon = decode_archive(reader, None if i == 0 else recon)
 
         expected_path = GOLDEN / case / f"{step}.expected.safetensors"
@@ -96,6 +103,8 @@ def test_golden_chain_decodes_bit_identically(case: str) -> None:
                 if e.role.value == "exp_avg":
                     v = restored[f"{e.param}@exp_avg_sq"]
                     assert not bool(((e.tensor != 0) & (v == 0)).any()), e.name
+                    if case.startswith("adam"):  # and none with v == 0 where v was not
+                        assert bool((v > 0).all()), e.name
 
 
 def test_golden_links_need_their_parent() -> None:

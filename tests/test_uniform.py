@@ -35,7 +35,7 @@ def test_pack_and_values_roundtrip_every_digit(levels: int, n: int) -> None:
     rng = np.random.default_rng(levels * n)
     digits = torch.from_numpy(rng.integers(0, 2 * levels + 1, n)).to(torch.uint8)
     book = torch.arange(-levels, levels + 1, dtype=torch.float32) * 0.5
-    packed = uniform._pack(digits, levels)
+    packed = uniform.pack_digits(digits, levels)
     assert packed.numel() == uniform.packed_size(n, levels)
     assert torch.equal(uniform.values(packed, book, n), book[digits.long()])
 
@@ -86,7 +86,7 @@ def _unit(n: int, keyframe: bool, seed: int = 0):
     parent = None if keyframe else w - _laplace(n, seed + 1)
     moments = {Role.EXP_AVG: torch.randn(n, generator=g) * 1e-3,
                Role.EXP_AVG_SQ: torch.rand(n, generator=g) * 1e-6}
-    enc, recon = lossy.encode_unit("w", w, parent, moments, UNIFORM, keyframe)
+    enc, recon = lossy.encode_unit(w, parent, moments, UNIFORM, keyframe)
     out = lossy.decode_unit(enc, parent, FP32, (n,), torch.device("cpu"))
     return w, parent, enc, recon, out
 

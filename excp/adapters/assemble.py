@@ -63,11 +63,29 @@ def to_bundle(
                 claims[path] = Claim(moment_name(param, role), role, param)
 
     entries, blob = skeleton.split(obj, claims)
-    bundle = Bundle(layout=layout)
+    bundle = Bundle(layout=layout, lr=_learning_rates(states, paired))
     for entry in entries:
         bundle.add(entry)
     bundle.extras[skeleton_key(layout)] = blob
     return bundle
+
+
+def _learning_rates(states: Sequence[dict], paired: dict[tuple[int, int], str]) -> dict[str, float]:
+    """Each paired weight's learning rate: its param group's ``lr`` (a number, or a
+    one-element tensor as capturable optimizers keep it), where it has one."""
+    rates: dict[str, float] = {}
+    for k, state in enumerate(states):
+        for group in state["param_groups"]:
+            lr = group.get("lr")
+            if isinstance(lr, torch.Tensor) and lr.numel() == 1:
+                lr = float(lr)
+            if isinstance(lr, bool) or not isinstance(lr, int | float):
+                continue
+            for index in group["params"]:
+                name = paired.get((k, index))
+                if name is not None:
+                    rates[name] = float(lr)
+    return rates
 
 
 def from_bundle(

@@ -287,7 +287,7 @@ class ZipNN(_PerTensor):
 
     def unavailable(self) -> str | None:
         if self.version is None:
-            return "not installed (pip install 'excp[bench]')"
+            return "not installed (pip install -e '.[bench]' from the excp checkout)"
         try:
             importlib.import_module("zipnn")
         except ImportError as exc:

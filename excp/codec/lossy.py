@@ -43,26 +43,26 @@ def _book(stream: torch.Tensor) -> torch.Tensor:
     return stream.view(torch.float32)
 
 
-def _check_finite(name: str, t: torch.Tensor) -> None:
-    """A NaN or Inf makes the sum non-finite, so the full check runs only then (or when
-    a finite tensor's float32 sum overflows, which then still passes the full check)."""
-    if not bool(torch.isfinite(t.sum(dtype=torch.float32))):
+def check_finite(name: str, weight: torch.Tensor, moments: dict[Role, torch.Tensor]) -> None:
+    """Lossy coding needs finite values. A NaN or Inf makes the sum non-finite, so the
+    full check runs only then (or when a finite tensor's float32 sum overflows, which
+    then still passes the full check)."""
+    for role, t in [(Role.WEIGHT, weight), *moments.items()]:
+        if bool(torch.isfinite(t.sum(dtype=torch.float32))):
+            continue
         count = int((~torch.isfinite(t)).sum())
-        if count == 0:
-            return
-        raise InvalidInput(
-            f"tensor {name!r} has {count} NaN/Inf values: lossy coding needs finite values; "
-            "fix the training run or push with --mode lossless"
-        )
+        if count:
+            raise InvalidInput(
+                f"tensor {name!r} ({role.value}) has {count} NaN/Inf values: lossy coding needs finite "
+                "values; fix the training run or push with --mode lossless"
+            )
 
 
-def encode_unit(name: str, weight: torch.Tensor, parent: torch.Tensor | None,
+def encode_unit(weight: torch.Tensor, parent: torch.Tensor | None,
                 moments: dict[Role, torch.Tensor], params: CodecParams,
                 keyframe: bool) -> tuple[Encoded, torch.Tensor]:
     """Code one weight and its moments; returns the unit and the weight's
     reconstruction (the input's dtype and shape), which the next link is coded against."""
-    for role, t in [(Role.WEIGHT, weight), *moments.items()]:
-        _check_finite(f"{name} ({role.value})", t)
     w = weight.reshape(-1).float()
     base = None if parent is None else parent.reshape(-1).float()
     delta = w if base is None else w - base

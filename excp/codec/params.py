@@ -14,31 +14,38 @@ from typing import Any
 from excp.errors import InvalidInput
 
 MODES = ("excp", "lossless")
-WEIGHT_RULES = ("uniform", "paper", "keep")
+WEIGHT_RULES = ("adam", "uniform", "paper", "keep")
 
 
 @dataclass(frozen=True)
 class CodecParams:
     """Everything that decides how a checkpoint is coded.
 
-    * ``mode``: ``excp`` (lossy ExCP pipeline) or ``lossless`` (bit-exact).
-    * ``weight_rule``: how the weight residual ΔW = W − Ŵ_parent is coded.
-      ``uniform`` (default) rounds ΔW to multiples of ``weight_step``·RMS(ΔW), keyframes
-      to ``keyframe_step``·RMS(W); level 0 is "not sent" (:mod:`excp.codec.uniform`).
-      ``paper`` (ExCP) sends ΔW where |ΔW| > f·median(|ΔW|) with
+    * ``mode``: ``excp`` (lossy) or ``lossless`` (bit-exact).
+    * ``weight_rule``: how a weight and its Adam state are coded.
+      ``adam`` (default, :mod:`excp.codec.adam`): errors budgeted in Adam's own units —
+      ΔW = W − Ŵ_parent in steps of ``lr_step``·lr (finer where v is large); v at every
+      position, within a factor 2^(``v_step``/2), from a rank-1 prediction; m as
+      m/√v̂ in steps of ``m_step``. Without a learning rate (weights-only input) the
+      weight step is ``weight_step``·RMS(ΔW) (``keyframe_step``·RMS(W) for keyframes).
+      ``uniform`` rounds ΔW to multiples of ``weight_step``·RMS(ΔW) (keyframes
+      ``keyframe_step``·RMS(W)) and keeps moments only where the paper's joint rule
+      does. ``paper`` (ExCP) sends ΔW where |ΔW| > f·median(|ΔW|) with
       f = min(2.5, alpha / sqrt(mean(v))), as 2^``weight_bits`` k-means levels
       (2^``keyframe_bits`` for keyframes); ``keep`` sends the ``weight_keep`` largest
       fraction of |ΔW| the same way (the substitute for ``paper`` whenever a weight has
-      no second moment). The reference's "2^b − 1 centroids plus an exact zero" is
-      the k-means rules with one centroid fewer.
-    * moments: m and v are kept where |m| > beta·mean(|m|), ΔW was sent and v > 0
-      (the paper's joint rule plus the v > 0 guard), as 2^``moment_bits`` k-means
+      no second moment).
+    * moments under ``uniform``/``paper``/``keep``: m and v are kept where
+      |m| > beta·mean(|m|), ΔW was sent and v > 0, as 2^``moment_bits`` k-means
       levels, and are zero elsewhere.
     * ``keyframe_every``: a standalone keyframe every K links (0: only the first).
     """
 
     mode: str = "excp"
-    weight_rule: str = "uniform"
+    weight_rule: str = "adam"
+    lr_step: float = 8.0
+    v_step: int = 2
+    m_step: float = 0.5
     alpha: float = 5e-5
     beta: float = 3.0
     weight_keep: float = 0.75
@@ -57,6 +64,9 @@ class CodecParams:
             (self.alpha > 0, "alpha must be > 0"),
             (self.beta >= 0, "beta must be >= 0"),
             (0 < self.weight_keep <= 1, "weight_keep must be in (0, 1]"),
+            (0 < self.lr_step <= 1e6, "lr_step must be in (0, 1e6]"),
+            (isinstance(self.v_step, int) and 1 <= self.v_step <= 16, "v_step must be an integer in 1..16"),
+            (0 < self.m_step <= 16, "m_step must be in (0, 16]"),
             (0 < self.weight_step <= 16, "weight_step must be in (0, 16]"),
             (0 < self.keyframe_step <= 16, "keyframe_step must be in (0, 16]"),
             (1 <= self.weight_bits <= 8, "weight_bits must be in 1..8"),
@@ -90,12 +100,12 @@ PRESETS: dict[str, CodecParams] = {
     # The ExCP paper's configuration (alpha 5e-5, beta 2, 4-bit codebooks), with our
     # fixes (float32 / log-domain codebooks, v > 0 guard, closed loop, zstd inside).
     "paper": CodecParams(weight_rule="paper", beta=2.0, weight_bits=4, moment_bits=4, keyframe_bits=8),
-    # Finer residuals, more and finer moments, a keyframe every 10 links.
-    "safe": CodecParams(weight_step=1.0, beta=2.0, moment_bits=4, keyframe_every=10),
-    # Measured on the workload GPT (README): over 2x the paper's ratio at a lower loss.
+    # Half the default's errors, a keyframe every 10 links.
+    "safe": CodecParams(lr_step=4.0, v_step=1, m_step=0.35, keyframe_every=10),
+    # Resume fidelity across training regimes (docs/fidelity.md).
     "default": CodecParams(),
-    # Coarser residuals, fewer and coarser moments, keyframes half as often.
-    "max": CodecParams(weight_step=2.0, beta=4.0, moment_bits=2, keyframe_every=50),
+    # Twice the default's errors, keyframes half as often: for archives, not resumes.
+    "max": CodecParams(lr_step=16.0, v_step=3, m_step=1.0, keyframe_every=50),
     "lossless": CodecParams(mode="lossless"),
 }
 

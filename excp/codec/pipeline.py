@@ -9,6 +9,7 @@ to decode what it has just written.
 
 from __future__ import annotations
 
+import zlib
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 
 from excp.bundle import MOMENT_ROLES, Bundle, Role, TensorEntry
-from excp.codec import lossless, lossy, uniform
+from excp.codec import adam, lossless, lossy, uniform
 from excp.codec.params import CodecParams
 from excp.codec.types import Encoded
 from excp.errors import ChainMismatch, CorruptData
@@ -32,7 +33,7 @@ DTYPES = {str(d).removeprefix("torch."): d for d in (
 
 
 def describe(entry: TensorEntry) -> dict[str, Any]:
-    """An entry of the archive's tensor table (FORMAT.md); ``DTYPES`` reads its dtype back."""
+    """An entry of the archive's tensor table (docs/format.md); ``DTYPES`` reads its dtype back."""
     return {"name": entry.name, "role": entry.role.value, "param": entry.param,
             "dtype": str(entry.tensor.dtype).removeprefix("torch."),
             "shape": list(entry.tensor.shape)}
@@ -143,12 +144,25 @@ def _encode_weight(bundle: Bundle, weight: TensorEntry, out: _Background, params
             recon[entry.name] = entry.tensor
         return recon
     check_parent(weight, prev, label)
-    enc, restored = lossy.encode_unit(
-        weight.name, weight.tensor, None if keyframe else prev,
-        {role: e.tensor for role, e in moments.items()}, params, keyframe)
-    out.add_unit(weight.name, "excp", [describe(weight)] + [describe(e) for e in moments.values()],
+    seed = zlib.crc32(f"{weight.name}|{bundle.step}".encode())  # each unit of a chain its own dither
+    codec, enc, restored = encode_unit(weight.name, weight.tensor, None if keyframe else prev,
+                                       {role: e.tensor for role, e in moments.items()}, params, keyframe,
+                                       bundle.lr.get(weight.name), seed)
+    out.add_unit(weight.name, codec, [describe(weight)] + [describe(e) for e in moments.values()],
                  enc.meta, enc.streams)
     return {weight.name: restored}
+
+
+def encode_unit(name: str, weight: torch.Tensor, parent: torch.Tensor | None,
+                moments: dict[Role, torch.Tensor], params: CodecParams, keyframe: bool,
+                lr: float | None = None, seed: int = 0) -> tuple[str, Encoded, torch.Tensor]:
+    """One weight and its moments through the lossy codec its rule names: the unit
+    codec's name, the unit, and the weight's reconstruction (``lr`` and the dither
+    ``seed`` are the ``adam`` rule's)."""
+    lossy.check_finite(name, weight, moments)
+    if params.weight_rule == "adam":
+        return ("adam", *adam.encode_unit(weight, parent, moments, params, keyframe, lr, seed))
+    return ("excp", *lossy.encode_unit(weight, parent, moments, params, keyframe))
 
 
 def _tensor_spec(spec: dict[str, Any], label: str) -> tuple[Role, torch.dtype, tuple[int, ...]]:
@@ -231,8 +245,8 @@ def decode_archive(reader: ArchiveReader, parent: Reconstruction | None,
                 collect()
             streams = _guarded(label, lambda unit=unit: _read_streams(reader, unit, device))
             jobs.append((specs, pool.submit(
-                _guarded, label, lambda u=unit, sp=specs, st=streams, lb=label:
-                _decode_unit(u, sp, st, parent, device, lb))))
+                _guarded, label, lambda u=unit, sp=specs, st=streams, lb=label, rs=roles:
+                _decode_unit(u, sp, st, parent, device, lb, rs))))
         while jobs:
             collect()
     if not weights_only:
@@ -258,7 +272,9 @@ def _guarded(label: str, work: Callable[[], Any]) -> Any:
 
 def _decode_unit(unit: Unit, specs: list, streams: dict[str, torch.Tensor],
                  parent: Reconstruction | None, device: torch.device,
-                 label: str) -> dict[Role, torch.Tensor]:
+                 label: str, roles: set[Role]) -> dict[Role, torch.Tensor]:
+    """The tensors of ``specs`` (all of the unit's, or only its weight when walking a
+    chain); ``roles`` are every tensor the unit holds."""
     enc = Encoded(unit.meta, streams)
     (role, dtype, shape), spec = specs[0]
     if unit.codec == "planes":
@@ -266,13 +282,17 @@ def _decode_unit(unit: Unit, specs: list, streams: dict[str, torch.Tensor],
         if enc.meta.get("xor") and prev is None:
             raise CorruptData(f"{label}: XOR-coded against a parent that was not restored")
         return {role: lossless.decode(enc, dtype, shape, prev)}
-    if unit.codec == "excp":
-        _check_lossy_streams(enc, specs, label)
+    if unit.codec in ("excp", "adam"):
+        if unit.codec == "adam":
+            adam.check_streams(enc, shape, roles, label)
+        else:
+            _check_lossy_streams(enc, specs, label)
         prev = None if enc.meta.get("keyframe") or parent is None else parent.get(spec["name"])
         if not enc.meta.get("keyframe") and prev is None:
             raise CorruptData(f"{label}: link has no parent reconstruction")
         dtypes = {role: dtype for (role, dtype, _), _ in specs}
-        return lossy.decode_unit(enc, prev, dtypes, shape, device)
+        codec = adam if unit.codec == "adam" else lossy
+        return codec.decode_unit(enc, prev, dtypes, shape, device)
     raise CorruptData(f"{label}: unknown codec {unit.codec!r}")
 
 

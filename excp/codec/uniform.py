@@ -52,27 +52,37 @@ class Uniform:
 
 
 def quantize(x: torch.Tensor, step_fraction: float) -> Uniform:
-    """Round flat float32 ``x`` to multiples of ``step_fraction``·RMS(x). The step
-    grows when needed so that the largest value fits in ``MAX_LEVEL`` levels: an
-    outlier is never clipped."""
-    n = x.numel()
+    """Round flat float32 ``x`` to multiples of ``step_fraction``·RMS(x)."""
     sample = strided_sample(x)
     rms = math.sqrt(float(np.mean(sample * sample))) if sample.size else 0.0
+    return quantize_step(x, step_fraction * rms, sample)
+
+
+def quantize_step(x: torch.Tensor, step: float, sample: np.ndarray | None = None,
+                  scratch: bool = False) -> Uniform:
+    """Round flat float32 ``x`` to multiples of ``step``. The step grows when needed so
+    that the largest value fits in ``MAX_LEVEL`` levels: an outlier is never clipped.
+    Each level is reconstructed at the mean of ``sample``'s values in its bin. With
+    ``scratch`` the levels are computed in ``x`` itself (no copy of it)."""
+    n = x.numel()
+    if sample is None:
+        sample = strided_sample(x)
     peak = 0.0
     if n:  # max |x| in one pass without an |x| copy of the tensor
         low, high = torch.aminmax(x)
         peak = max(-float(low), float(high))
-    step = max(step_fraction * rms, peak / MAX_LEVEL)
+    step = max(step, peak / MAX_LEVEL)
     if step == 0.0:
         return Uniform(torch.empty(0, dtype=torch.uint8, device=x.device),
                        torch.zeros(1, dtype=torch.float32, device=x.device), n)
     levels = min(MAX_LEVEL, int(round(peak / step)))
-    digits = torch.mul(x, 1.0 / step).round_().clamp_(-levels, levels).add_(levels).to(torch.uint8)
-    book = torch.from_numpy(_book(sample, step, levels)).to(x.device)
-    return Uniform(_pack(digits, levels), book, n)
+    scaled = x.mul_(1.0 / step) if scratch else torch.mul(x, 1.0 / step)
+    digits = scaled.round_().clamp_(-levels, levels).add_(levels).to(torch.uint8)
+    book = torch.from_numpy(level_book(sample, step, levels)).to(x.device)
+    return Uniform(pack_digits(digits, levels), book, n)
 
 
-def _pack(digits: torch.Tensor, levels: int) -> torch.Tensor:
+def pack_digits(digits: torch.Tensor, levels: int) -> torch.Tensor:
     """Mixed-radix groups: byte j = Σ_i digits[g·j + i] · (2K+1)^i; the tail is
     padded with level 0 (digit K). No bytes at all when K = 0."""
     if levels == 0:
@@ -90,7 +100,7 @@ def _pack(digits: torch.Tensor, levels: int) -> torch.Tensor:
     return packed
 
 
-def _book(sample: np.ndarray, step: float, levels: int) -> np.ndarray:
+def level_book(sample: np.ndarray, step: float, levels: int) -> np.ndarray:
     """Value of each level -K..K: the sample's mean in its bin, or the bin's centre
     where the sample has no value; exactly 0 for level 0."""
     index = np.clip(np.rint(sample / step), -levels, levels).astype(np.int64) + levels

@@ -19,6 +19,7 @@ stored bit-exact.
 
 from __future__ import annotations
 
+import io
 import re
 from collections.abc import Iterable
 
@@ -31,6 +32,7 @@ from excp.errors import InvalidInput
 
 LAYOUT = "dcp_shard"
 _MOMENT = re.compile(r"(?:^|.*\.)state\.(?P<param>.+)\.(?P<moment>exp_avg|exp_avg_sq|max_exp_avg_sq)")
+_GROUP = re.compile(r"(?P<group>(?:.*\.)?param_groups\.\d+)\.(?P<field>[^.]+)")
 _ROLES = {"exp_avg": Role.EXP_AVG, "exp_avg_sq": Role.EXP_AVG_SQ, "max_exp_avg_sq": Role.MAX_EXP_AVG_SQ}
 
 
@@ -79,7 +81,32 @@ def to_bundle(items: Iterable[WriteItem], planner: SavePlanner, step: int
             renamed[name] = moment_name(weight, role)
         else:
             bundle.add(TensorEntry(name, Role.OTHER, tensor))
+    owners = {moments[name].group("param"): weight for name, weight in weights.items()}
+    bundle.lr = _learning_rates(bundle.extras, owners)
     return bundle, {index: renamed.get(name, name) for index, name in stored.items()}
+
+
+def _learning_rates(extras: dict[str, bytes], owners: dict[str, str]) -> dict[str, float]:
+    """Each weight's learning rate, from the param groups DCP saved as objects
+    (``<opt>.param_groups.<g>.lr`` and ``.params``, the FQNs of the group); ``owners``
+    maps a parameter FQN to its weight entry on this rank."""
+    groups: dict[str, dict[str, object]] = {}
+    for name, data in extras.items():
+        match = _GROUP.fullmatch(name.rsplit("|", 1)[0])
+        if match and match.group("field") in ("lr", "params"):
+            try:
+                value = torch.load(io.BytesIO(data), weights_only=True)
+            except Exception:  # noqa: BLE001 - an unreadable object is simply not a learning rate
+                continue
+            groups.setdefault(match.group("group"), {})[match.group("field")] = value
+    rates: dict[str, float] = {}
+    for group in groups.values():
+        lr, params = group.get("lr"), group.get("params")
+        if isinstance(lr, int | float) and not isinstance(lr, bool) and isinstance(params, list):
+            for param in params:
+                if isinstance(param, str) and param in owners:
+                    rates[owners[param]] = float(lr)
+    return rates
 
 
 def _weight_of(param: str, moment: tuple[str, str, torch.Tensor],

@@ -26,15 +26,20 @@ import sys
 
 def release_meshes() -> None:
     """Drop DTensor's cached sharding decisions (and the meshes they hold), then
-    collect, so that destroyed process groups are freed now rather than never."""
+    collect, so that destroyed process groups are freed now rather than never. Both
+    caches are cleared the way torch's own debug helper does, without importing that
+    module (its import fails while the interpreter shuts down)."""
     if "torch.distributed.tensor" not in sys.modules:
         return
-    from torch.distributed.tensor import debug
+    import torch
+    from torch.distributed.tensor import DTensor
 
-    clear = getattr(debug, "_clear_sharding_prop_cache", None)
-    if clear is not None:
-        clear()
-        gc.collect()
+    propagate = DTensor._op_dispatcher.sharding_propagator.propagate_op_sharding
+    propagate.cache_clear()
+    clear_fast_path = getattr(torch._C, "_clear_DTensor_sharding_propagator_cache", None)
+    if clear_fast_path is not None:
+        clear_fast_path()
+    gc.collect()
 
 
 atexit.register(release_meshes)

@@ -1,6 +1,6 @@
 """Container format v1: one archive file, written front to back, read suspiciously.
 
-Layout (all integers little-endian; FORMAT.md has the byte-by-byte spec)::
+Layout (all integers little-endian; docs/format.md has the byte-by-byte spec)::
 
     prelude   16 B   magic b"\\x89EXCP\\r\\n\\x1a", u32 version, u32 flags (0)
     data      ...    zstd frames, one per chunk of every stream, back to back

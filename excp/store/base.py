@@ -2,7 +2,7 @@
 
 The store knows nothing about checkpoints. Chains are built on two of its promises
 only: ``put`` never exposes a partial value, and ``put_if_absent`` lets exactly one
-of several racing writers create a key (see DESIGN.md, "Store layout").
+of several racing writers create a key (see docs/design.md, "Store layout").
 """
 
 from __future__ import annotations

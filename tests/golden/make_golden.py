@@ -90,7 +90,7 @@ def _weights_only_run() -> Iterator[tuple[int, dict]]:
         yield i * STEPS_PER_CHECKPOINT, dict(model.state_dict())
 
 
-PAPER = {"weight_rule": "paper"}  # the k-means rule (the default before "uniform")
+PAPER = {"weight_rule": "paper"}  # the k-means rule (the default before "uniform", then "adam")
 CASES: dict[str, tuple[Callable[[], Iterator[tuple[int, dict]]], dict]] = {
     "fp32": (lambda: _adam_run(torch.float32), PAPER),
     "bf16": (lambda: _adam_run(torch.bfloat16), PAPER),
@@ -99,6 +99,10 @@ CASES: dict[str, tuple[Callable[[], Iterator[tuple[int, dict]]], dict]] = {
     "lossless": (lambda: _adam_run(torch.float32), {"mode": "lossless"}),
     "uniform": (lambda: _adam_run(torch.float32), {"weight_rule": "uniform"}),
     "uniform_bf16": (lambda: _adam_run(torch.bfloat16), {"weight_rule": "uniform"}),
+    "adam": (lambda: _adam_run(torch.float32), {"weight_rule": "adam"}),
+    "adam_bf16": (lambda: _adam_run(torch.bfloat16), {"weight_rule": "adam"}),
+    "adam_amsgrad": (lambda: _adam_run(torch.float32, amsgrad=True), {"weight_rule": "adam"}),
+    "adam_weights_only": (_weights_only_run, {"weight_rule": "adam"}),
 }
 
 
