@@ -67,7 +67,7 @@ def table(results: dict[str, Any]) -> str:
 
 
 def target_lines(results: dict[str, Any]) -> list[str]:
-    """One line per target of the issue: met, or missed and by how much."""
+    """One line per benchmark target: met, or missed and by how much."""
     return [f"- {'met' if t['met'] else '**missed**'}: {t['target']}: {t['detail']}"
             for t in results["targets"]]
 
