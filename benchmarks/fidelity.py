@@ -2,6 +2,7 @@
 
     python benchmarks/fidelity.py --json fidelity.json              # the whole grid
     python benchmarks/fidelity.py --regimes base --presets default paper
+    python benchmarks/fidelity.py --presets --control --regimes base     # the bf16 control alone
     python benchmarks/fidelity.py --regimes base --set step4:lr_step=4 step16:lr_step=16
     python benchmarks/fidelity.py --table fidelity.json                 # its markdown table
 
@@ -39,6 +40,9 @@ def main() -> None:
     parser.add_argument("--regimes", nargs="*", default=[r.name for r in fidelity.GRID] + [HF], choices=names)
     parser.add_argument("--presets", nargs="*", default=["default", "max"], choices=list(PRESETS))
     parser.add_argument("--set", nargs="*", default=[], help="extra codecs: name:key=value,key=value")
+    parser.add_argument("--control", action="store_true",
+                        help="also run the bf16 control: weights rounded to bfloat16, no codec "
+                             "(GPT regimes only)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--table", default=None, metavar="JSON", help="print the table of a finished grid")
     args = parser.parse_args()
@@ -49,6 +53,8 @@ def main() -> None:
     torch.set_num_threads(2)
     presets = {name: PRESETS[name] for name in args.presets}
     presets.update(_custom(spec) for spec in args.set)
+    if args.control:
+        presets[fidelity.CONTROL] = None
     regimes = {r.name: r for r in [*fidelity.GRID, fidelity.SLICE]}
     start, results = time.time(), []
     log = lambda line: print(line, flush=True)  # noqa: E731
@@ -56,7 +62,8 @@ def main() -> None:
         if name == HF:
             from excp.bench.fidelity_hf import HFRegime, run_hf_regime
 
-            results.append(run_hf_regime(HFRegime(), presets, log))
+            codecs = {k: v for k, v in presets.items() if v is not None}
+            results.append(run_hf_regime(HFRegime(), codecs, log))
         else:
             results.append(fidelity.run_regime(regimes[name], presets, log))
         if args.json:

@@ -17,10 +17,17 @@ deterministic — and then, per codec preset, under two protocols:
 
 Deviations count in either direction: a lower loss is as much a change of the run's
 course as a higher one. Ratios are against fp32 weights plus both moments.
+
+The **bf16 control** runs both protocols with no codec at all: the checkpoint's weights
+rounded to bfloat16 (a relative error of at most 2^-9, what mixed-precision training
+applies to every forward pass) and its optimizer state exact. How far that moves the
+loss is the regime's sensitivity to any perturbation of its state; a codec's deviation
+is read against it.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable
@@ -39,6 +46,16 @@ from excp.workload.train import TrainConfig, Trainer
 
 Log = Callable[[str], None]
 HORIZON = 100
+CONTROL = "bf16 control"
+
+
+def bf16_weights(state: dict) -> dict:
+    """A copy of the checkpoint with its floating-point weights rounded to bfloat16 and
+    back; the optimizer state, schedule and step exact (copied: resuming mutates them)."""
+    state = copy.deepcopy(state)
+    state["model"] = {k: v.to(torch.bfloat16).to(v.dtype) if v.is_floating_point() else v
+                      for k, v in state["model"].items()}
+    return state
 
 
 @dataclass(frozen=True)
@@ -116,8 +133,9 @@ def _pct(value: float, base: float) -> float:
     return 100.0 * (value / base - 1.0)
 
 
-def closed_loop(regime: Regime, params: CodecParams, ref: Reference, log: Log) -> dict[str, Any]:
-    """Train the regime resuming from every reconstruction."""
+def closed_loop(regime: Regime, params: CodecParams | None, ref: Reference, log: Log) -> dict[str, Any]:
+    """Train the regime resuming from every reconstruction (``params`` None: from the
+    bf16 control's perturbed state, nothing stored)."""
     start = time.perf_counter()
     store, head = MemoryStore(), None
     raw = stored = 0
@@ -125,34 +143,42 @@ def closed_loop(regime: Regime, params: CodecParams, ref: Reference, log: Log) -
     deltas: dict[int, float] = {}
     while trainer.step < regime.steps:
         trainer.train_steps(regime.every)
-        result, recon = api.push(trainer.state_dict(), "run", store=store, params=params, parent=head)
-        head = Head(result.commit, recon)
-        raw, stored = raw + result.commit.raw_bytes, stored + result.commit.size
-        trainer.load_state_dict(api.load_dict(api.restore("run", trainer.step, store=store)))
+        if params is None:
+            trainer.load_state_dict(bf16_weights(trainer.state_dict()))
+        else:
+            result, recon = api.push(trainer.state_dict(), "run", store=store, params=params, parent=head)
+            head = Head(result.commit, recon)
+            raw, stored = raw + result.commit.raw_bytes, stored + result.commit.size
+            trainer.load_state_dict(api.load_dict(api.restore("run", trainer.step, store=store)))
         deltas[trainer.step] = _pct(trainer.eval_loss(), ref.evals[trainer.step])
-    out = {"ratio": raw / stored, "eval_delta_pct": deltas, "final_delta_pct": deltas[regime.steps],
+    out = {"ratio": raw / stored if stored else None, "eval_delta_pct": deltas,
+           "final_delta_pct": deltas[regime.steps],
            "max_abs_delta_pct": max(abs(d) for d in deltas.values()), "seconds": time.perf_counter() - start}
-    log(f"    closed loop: {out['ratio']:.1f}x, final {out['final_delta_pct']:+.2f}%, "
+    log(f"    closed loop: {_ratio(out['ratio'])}, final {out['final_delta_pct']:+.2f}%, "
         f"worst checkpoint {out['max_abs_delta_pct']:.2f}%")
     return out
 
 
-def resume_once(regime: Regime, params: CodecParams, ref: Reference, log: Log) -> dict[str, Any]:
-    """Push the reference's checkpoints as a chain; resume once from each phase."""
+def resume_once(regime: Regime, params: CodecParams | None, ref: Reference, log: Log) -> dict[str, Any]:
+    """Push the reference's checkpoints as a chain; resume once from each phase
+    (``params`` None: from the bf16 control's perturbed checkpoint)."""
     store, head = MemoryStore(), None
     raw = stored = 0
     out: dict[str, Any] = {"phases": {}}
     for step in sorted(ref.checkpoints):
-        if step > max(regime.phases):
+        if step > max(regime.phases) or params is None:
             break
         result, recon = api.push(ref.checkpoints[step], "run", store=store, params=params, parent=head)
         head = Head(result.commit, recon)
         raw, stored = raw + result.commit.raw_bytes, stored + result.commit.size
-    out["ratio"] = raw / stored
+    out["ratio"] = raw / stored if stored else None
     for phase in regime.phases:
         start = time.perf_counter()
         trainer = Trainer(regime.config(), 0, total_steps=regime.steps, train=regime.train())
-        trainer.load_state_dict(api.load_dict(api.restore("run", phase, store=store)))
+        if params is None:
+            trainer.load_state_dict(bf16_weights(ref.checkpoints[phase]))
+        else:
+            trainer.load_state_dict(api.load_dict(api.restore("run", phase, store=store)))
         before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
         deltas = []
         for i in range(HORIZON):
@@ -176,8 +202,12 @@ def resume_once(regime: Regime, params: CodecParams, ref: Reference, log: Log) -
     return out
 
 
-def run_regime(regime: Regime, presets: dict[str, CodecParams], log: Log) -> dict[str, Any]:
-    """Reference, then both protocols for each preset."""
+def _ratio(ratio: float | None) -> str:
+    return "—" if ratio is None else f"{ratio:.1f}x"
+
+
+def run_regime(regime: Regime, presets: dict[str, CodecParams | None], log: Log) -> dict[str, Any]:
+    """Reference, then both protocols for each preset (None: the bf16 control)."""
     log(f"{regime.name}: {regime}")
     ref = reference(regime, log)
     out: dict[str, Any] = {"regime": asdict(regime), "reference_final_loss": ref.evals[regime.steps],
@@ -212,7 +242,7 @@ def table(results: list[dict[str, Any]]) -> str:
             worst = ", ".join(f"{p['max_abs_step_delta_pct']:.2f}% @{n}" for n, p in phases.items())
             first = ", ".join(f"{p['first_update_rel_diff']:.2f}" for p in phases.values()
                               if "first_update_rel_diff" in p) or "—"
-            rows.append(f"| {result['regime']['name']} | {name} | {closed['ratio']:.1f}x "
+            rows.append(f"| {result['regime']['name']} | {name} | {_ratio(closed['ratio'])} "
                         f"| {closed['final_delta_pct']:+.2f}% | {closed['max_abs_delta_pct']:.2f}% "
                         f"| {after} | {worst} | {first} |")
     return "\n".join(rows)
