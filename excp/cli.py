@@ -159,7 +159,8 @@ def push(path: str, run: str, step: int | None, target: Target, preset_name: str
     bundle = api.to_bundle(path)
     with _bar(bundle.num_parameters(), "param", "compress") as progress:
         result, _ = target.push(bundle, run, step=step, params=params,
-                                base=_base(init_seed, model_factory), progress=progress, keep_exact=keep_exact)
+                                base=_base(init_seed, model_factory), progress=progress,
+                                keep_exact=keep_exact)
     c = result.commit
     state = "committed" if result.created else "already stored (no-op)"
     kind = "keyframe" if c.keyframe else f"link {c.depth}"

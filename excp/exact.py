@@ -75,8 +75,9 @@ class ExactCopies:
 
     def records(self) -> list[ExactCommit]:
         """Every exact record, in step order."""
-        return [ExactCommit.from_json(self.store.get(key), f"run {self.run!r}, exact {key.rsplit('/', 1)[-1]}")
-                for key in self.store.list(f"{self._prefix}/commits/") if key.endswith(".json")]
+        keys = [key for key in self.store.list(f"{self._prefix}/commits/") if key.endswith(".json")]
+        return [ExactCommit.from_json(self.store.get(key), f"run {self.run!r}, exact copy record {key}")
+                for key in keys]
 
     def of(self, commit: Commit) -> ExactCommit | None:
         """The exact copy of ``commit``'s step, if one is committed for that very link."""

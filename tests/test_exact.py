@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from excp import api
 from excp.bundle import Bundle
 from excp.cli import main
-from excp.client import Checkpointer
+from excp.client import Checkpointer, open_target
 from excp.codec import correction
 from excp.codec.params import PRESETS
 from excp.errors import InvalidInput
@@ -40,8 +40,8 @@ def _checkpoints(n: int, every: int = 5) -> list[dict]:
 def _same_bits(got: Bundle, want: Bundle) -> bool:
     """Every tensor equal with the same dtype, every extra the same bytes."""
     return got.tensors.keys() == want.tensors.keys() and got.extras == want.extras and all(
-        got.tensors[name].tensor.dtype == entry.tensor.dtype and torch.equal(got.tensors[name].tensor, entry.tensor)
-        for name, entry in want.tensors.items())
+        got.tensors[name].tensor.dtype == entry.tensor.dtype
+        and torch.equal(got.tensors[name].tensor, entry.tensor) for name, entry in want.tensors.items())
 
 
 @pytest.mark.parametrize("keep", [1, 2])
@@ -65,7 +65,8 @@ def test_the_newest_k_steps_restore_bit_for_bit_and_the_chain_is_unchanged(tmp_p
         assert _same_bits(lossy, api.restore("r", step, store=plain))
         assert not _same_bits(lossy, api.to_bundle(ckpt))
     # The links themselves are the same archives.
-    assert [c.digest for c in api.list_commits("r", store)] == [c.digest for c in api.list_commits("r", plain)]
+    digests = [c.digest for c in api.list_commits("r", store)]
+    assert digests == [c.digest for c in api.list_commits("r", plain)]
     assert api.exact_steps("r", plain) == []
     assert api.verify("r", store=store).checkpoints == 4
 
@@ -144,7 +145,8 @@ def test_a_job_resumed_from_an_exact_copy_goes_on_bit_for_bit(tmp_path: Path) ->
         got = api.restore("job", step, store=stopped, lossy=True)
         want = api.restore("job", step, store=never_stopped, lossy=True)
         assert got.tensors.keys() == want.tensors.keys()
-        assert all(torch.equal(got.tensors[name].tensor, entry.tensor) for name, entry in want.tensors.items())
+        assert all(torch.equal(got.tensors[name].tensor, entry.tensor)
+                   for name, entry in want.tensors.items())
 
     # Resumed from the lossy reconstruction instead, training drifts off the reference.
     drifted = str(tmp_path / "drifted")
@@ -212,6 +214,9 @@ def test_bad_keep_exact_and_lossy_restores(tmp_path: Path) -> None:
         api.push(second, "r", store=store, keep_exact=0)
     api.push(second, "r", store=store, keep_exact=1)
     assert api.exact_steps("r", store) == [10]
+    with open_target("excp://127.0.0.1:9") as service, \
+            pytest.raises(InvalidInput, match="a service keeps no exact copies"):
+        service.push(first, "r", keep_exact=1)  # refused before anything is sent
 
     api.push(first, "exact", store=store, params=PRESETS["lossless"])
     assert api.exact_steps("exact", store) == [5]

@@ -102,17 +102,17 @@ class Checkpointer:
     from weights rebuilt from a seed. ``keep_exact``: for a new run, keep an exact copy
     of the newest K saves beside the lossy chain (default 0: none; see
     :func:`excp.api.push`), so a job resumed from its latest save continues bit for bit;
-    an existing run keeps its own (None) or must be given the same K. ``client_options`` (``retries``, ``backoff``,
-    ``timeout``, ``retry_refused``) tune the HTTP client. Unlike the CLI, the hook
-    retries a refused connection like any other failure (``retry_refused=True``): a
-    service being restarted refuses connections for a while, and a training job should
-    outlive that.
+    an existing run keeps its own (None) or must be given the same K.
+    ``client_options`` (``retries``, ``backoff``, ``timeout``, ``retry_refused``) tune
+    the HTTP client. Unlike the CLI, the hook retries a refused connection like any
+    other failure (``retry_refused=True``): a service being restarted refuses
+    connections for a while, and a training job should outlive that.
     """
 
     def __init__(self, run: str, target: str | Store | Target | None = None, *, every: int = 1000,
                  preset: str | CodecParams | None = None, token: str | None = None,
-                 base: BaseSpec | None = None, when_busy: str = "wait", keep_exact: int | None = None,
-                 **client_options: Any) -> None:
+                 base: BaseSpec | None = None, when_busy: str = "wait",
+                 keep_exact: int | None = None, **client_options: Any) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise InvalidInput(f"every={every!r}: save every N steps with an integer N >= 1")
         if when_busy not in WHEN_BUSY:
