@@ -20,6 +20,7 @@ from excp.codec import correction
 from excp.codec.params import PRESETS
 from excp.errors import InvalidInput
 from excp.exact import ExactCopies
+from excp.format.container import ArchiveReader
 from excp.store import LocalStore
 from tests.conftest import TinyRun
 
@@ -56,6 +57,13 @@ def test_the_newest_k_steps_restore_bit_for_bit_and_the_chain_is_unchanged(tmp_p
     assert api.exact_steps("r", store) == steps[-keep:]
     assert [r.step for r in ExactCopies(LocalStore(tmp_path / "s"), "r").records()] == steps[-keep:]
     assert len(list((tmp_path / "s" / "runs" / "r" / "exact" / "archives").iterdir())) == keep
+    # The link gives back integer state, scalars and extras bit for bit: a copy corrects
+    # only weights and moments.
+    record = ExactCopies(LocalStore(tmp_path / "s"), "r").records()[-1]
+    with open(tmp_path / "s" / record.archive, "rb") as handle:
+        reader = ArchiveReader(handle, record.size)
+        assert {t["role"] for u in reader.units for t in u.tensors} == {"weight", "exp_avg", "exp_avg_sq"}
+        assert reader.extras == {} and reader.header["kind"] == "exact"
 
     for step, ckpt in zip(steps, checkpoints, strict=True):
         restored = api.restore("r", step, store=store)
@@ -270,3 +278,16 @@ def test_cli_keep_exact_lossy_and_ls(tmp_path: Path) -> None:
     assert _cli(store, "push", str(files[0]), "--run", "l", "--mode", "lossless")[0] == 0
     code, out, err = _cli(store, "restore", "--run", "l", "--lossy", "-o", str(tmp_path / "l.pt"))
     assert code == 2 and out == "" and len(err.splitlines()) == 1 and "--mode lossless" in err
+
+
+def test_the_callbacks_take_keep_exact(tmp_path: Path) -> None:
+    from excp.client.hf import ExcpTrainerCallback
+    from excp.client.lightning import ExcpLightningCallback
+
+    store = str(tmp_path / "s")
+    for callback in (ExcpTrainerCallback, ExcpLightningCallback):
+        made = callback("r", store, keep_exact=2)
+        assert made.checkpointer.keep_exact == 2
+        made.close()
+        with pytest.raises(InvalidInput, match="keep_exact=-1"):
+            callback("r", store, keep_exact=-1)
