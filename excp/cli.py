@@ -234,9 +234,13 @@ def inspect(archive: str | None, run: str | None, step: str | None, target: Targ
         click.echo(json.dumps(info, indent=1))
         return
     header = info["header"]
-    click.echo(f"run {header.get('run')} step {header.get('step')} layout {header.get('layout')} "
-               f"{'keyframe' if header.get('keyframe') else 'link of ' + str(header.get('parent'))}")
-    click.echo("params " + json.dumps(header.get("params")))
+    if header.get("kind") == "exact":
+        what = f"exact copy of link {header.get('link')}"
+    else:
+        what = "keyframe" if header.get("keyframe") else f"link of {header.get('parent')}"
+    click.echo(f"run {header.get('run')} step {header.get('step')} layout {header.get('layout')} {what}")
+    if "params" in header:
+        click.echo("params " + json.dumps(header.get("params")))
     rows = [("tensor", "codec", "dtype", "shape", "stored")]
     for unit in info["units"]:
         first = unit["tensors"][0]

@@ -275,6 +275,12 @@ def test_cli_keep_exact_lossy_and_ls(tmp_path: Path) -> None:
     assert all(torch.equal(exact[k], v) for k, v in want.items())
     assert not all(torch.equal(lossy[k], v) for k, v in want.items())
 
+    (exact_archive,) = (store / "runs" / "r" / "exact" / "archives").iterdir()
+    code, out, _ = _cli(store, "inspect", str(exact_archive))
+    assert code == 0 and out.splitlines()[0].startswith("run r step 10 layout torch_dict exact copy of link ")
+    rows = out.splitlines()[2:]  # no params line: the table's header, then one row per unit
+    assert rows and {row.split()[1] for row in rows} == {"correction"}
+
     assert _cli(store, "push", str(files[0]), "--run", "l", "--mode", "lossless")[0] == 0
     code, out, err = _cli(store, "restore", "--run", "l", "--lossy", "-o", str(tmp_path / "l.pt"))
     assert code == 2 and out == "" and len(err.splitlines()) == 1 and "--mode lossless" in err
