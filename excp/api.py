@@ -22,6 +22,7 @@ from excp.chain import Base, Chain, Commit, Head, PushResult, recon_digest
 from excp.codec.params import CodecParams
 from excp.codec.pipeline import Reconstruction
 from excp.errors import InvalidInput
+from excp.exact import ExactCommit, ExactCopies, validate_keep
 from excp.format.container import ArchiveReader
 from excp.store import Store, open_store
 
@@ -87,14 +88,22 @@ def to_bundle(checkpoint: str | Path | Bundle | dict) -> Bundle:
 
 
 def _ensure_run(chain: Chain, params: CodecParams | None, base: BaseSpec | None,
-                base_recon: Callable[[], Reconstruction | None]) -> None:
+                base_recon: Callable[[], Reconstruction | None], keep_exact: int | None) -> None:
     """Create the run on first push; check the options of a later push against it."""
     if not chain.exists():
         recon = base_recon()
         record = Base(base.seed, base.factory, recon_digest(recon)) if base and recon is not None else None
-        chain.create(params or CodecParams(), record)
+        chain.create(params or CodecParams(), record, keep_exact=keep_exact or 0)
         return
     check_options(chain.run, chain.params(), chain.base(), params, base)
+    check_keep_exact(chain.run, chain.keep_exact(), keep_exact)
+
+
+def check_keep_exact(run: str, stored: int, keep_exact: int | None) -> None:
+    """A later push's ``keep_exact`` (None: whatever the run has) against the run's own."""
+    if keep_exact is not None and validate_keep(keep_exact) != stored:
+        raise InvalidInput(f"run {run!r} was created keeping exact copies of the newest {stored} steps, "
+                           f"not {keep_exact}: drop the option, pass {stored}, or push to a new --run")
 
 
 def check_options(run: str, stored_params: CodecParams, stored_base: Base | None,
@@ -115,8 +124,12 @@ def check_options(run: str, stored_params: CodecParams, stored_base: Base | None
 def push(checkpoint: str | Path | Bundle | dict, run: str, *, step: int | None = None,
          store: str | Store | None = None, params: CodecParams | None = None,
          base: BaseSpec | None = None, parent: Head | None = None,
-         progress: Progress = None) -> tuple[PushResult, Reconstruction]:
+         progress: Progress = None, keep_exact: int | None = None) -> tuple[PushResult, Reconstruction]:
     """Compress ``checkpoint`` as step ``step`` of ``run`` and commit it.
+
+    ``keep_exact``: for a new run, how many of the newest steps also keep an exact copy
+    (default 0); for an existing run, None or the number it was created with. A step
+    pushed again (a no-op) gets the exact copy it lacks, if it is among those steps.
 
     ``parent`` is the last step this caller pushed and its reconstruction (the hook
     keeps it); it is used only while that step is still the run's head. Otherwise the
@@ -129,6 +142,8 @@ def push(checkpoint: str | Path | Bundle | dict, run: str, *, step: int | None =
     step = bundle.step if step is None else step
     if step is None:
         raise InvalidInput("this checkpoint does not say its step: pass --step N")
+    if keep_exact is not None:
+        validate_keep(keep_exact)
     st = _store(store)
     chain = Chain(st, run)
     built: dict[str, Reconstruction | None] = {}
@@ -138,14 +153,43 @@ def push(checkpoint: str | Path | Bundle | dict, run: str, *, step: int | None =
             built["base"] = _base_for(base)
         return built["base"]
 
-    _ensure_run(chain, params, base, base_recon)
+    _ensure_run(chain, params, base, base_recon, keep_exact)
     cache = ReconCache(st.url, run)
     parent_of = head_recon(parent, cache, lambda head: chain.restore(head.step, base_recon=base_recon())[1])
+    used: list[Reconstruction] = []
+
+    def coded_against(head: Commit) -> Reconstruction:
+        used.append(parent_of(head))
+        return used[-1]
+
     first = base_recon() if chain.head() is None else None
-    result, recon = chain.push(bundle, step, parent_of, first, progress)
+    result, recon = chain.push(bundle, step, coded_against, first, progress)
     if result.created:
         cache.put(step, result.commit.digest, recon)
+    keep = chain.keep_exact()
+    if keep and chain.params().mode != "lossless":
+        _keep_exact_copy(chain, bundle, result, used[-1] if used else first, base_recon, keep)
     return result, recon
+
+
+def _keep_exact_copy(chain: Chain, bundle: Bundle, result: PushResult, parent: Reconstruction | None,
+                     base_recon: Callable[[], Reconstruction | None], keep: int) -> None:
+    """Store the exact copy of the step just pushed, coded against its link as restored
+    on the CPU (from the reconstruction it was coded against), then drop the copies of
+    steps beyond the newest ``keep``. A step pushed again gets its copy only if it lacks
+    one and is still among the newest ``keep``."""
+    copies = ExactCopies(chain.store, chain.run)
+    steps = [c.step for c in chain.commits()]
+    commit = result.commit
+    if not result.created:
+        if commit.step not in steps[-keep:] or copies.of(commit) is not None:
+            return
+        lossy, _ = chain.restore(commit.step, base_recon=base_recon())
+    else:
+        on_cpu = None if parent is None else {name: t.cpu() for name, t in parent.items()}
+        lossy, _ = chain.read(commit, on_cpu, "cpu", weights_only=False)
+    copies.write(bundle, lossy, commit, chain.params().zstd_level)
+    copies.retain(keep, steps)
 
 
 def head_recon(parent: Head | None, cache: ReconCache, decode: Callable[[Commit], Reconstruction]
@@ -166,17 +210,59 @@ def _base_for(base: BaseSpec | None) -> Reconstruction | None:
 
 def restore(run: str, step: int | str = "latest", out: str | Path | None = None, *,
             store: str | Store | None = None, device: str = "cpu", base: BaseSpec | None = None,
-            progress: Progress = None) -> Bundle:
+            progress: Progress = None, lossy: bool = False) -> Bundle:
     """Reconstruct ``step`` (or ``latest``); write it to ``out`` in the layout it was
-    pushed in, if given. Returns the bundle."""
+    pushed in, if given. Returns the bundle.
+
+    A step with an exact copy comes back bit for bit, unless ``lossy`` asks for its
+    link's reconstruction (what the chain codes the next link against)."""
     chain = Chain(_store(store), run)
     if _is_sharded(chain):
         bundle = _sharded_bundle(chain, step, device)
     else:
-        bundle, _ = chain.restore(chain.resolve(step), _device(device), _base_for(base), progress)
+        if lossy:
+            check_lossy(run, chain.params())
+        number = chain.resolve(step)
+        exact = None if lossy else ExactCopies(chain.store, run).of(chain.commit(number))
+        if exact is None:
+            bundle, _ = chain.restore(number, _device(device), _base_for(base), progress)
+        else:
+            bundle = _exact_bundle(chain, exact, _device(device), _base_for(base), progress)
     if out is not None:
         save_checkpoint(bundle, out)
     return bundle
+
+
+def check_lossy(run: str, params: CodecParams) -> None:
+    """A lossy restore needs a lossy run: a lossless-mode run has no other reconstruction."""
+    if params.mode == "lossless":
+        raise InvalidInput(f"run {run!r} was pushed with --mode lossless: every step is stored exactly "
+                           "and has no lossy reconstruction; restore without --lossy")
+
+
+def _exact_bundle(chain: Chain, exact: ExactCommit, device: torch.device,
+                  base_recon: Reconstruction | None, progress: Progress) -> Bundle:
+    """A step restored bit for bit: its link decoded on the CPU (as it was when the exact
+    copy was coded against it), corrected, then moved to ``device``."""
+    lossy, _ = chain.restore(exact.step, "cpu", base_recon, progress)
+    bundle = ExactCopies(chain.store, chain.run).apply(exact, lossy)
+    if device.type != "cpu":
+        for entry in bundle.tensors.values():
+            entry.tensor = entry.tensor.to(device)
+    return bundle
+
+
+def exact_steps(run: str, store: str | Store | None = None) -> list[int]:
+    """The steps of ``run`` that restore bit for bit: those with an exact copy of their
+    link, and every step of a lossless-mode run."""
+    chain = Chain(_store(store), run)
+    if _is_sharded(chain):
+        return []
+    commits = chain.commits()
+    if chain.params().mode == "lossless":
+        return [c.step for c in commits]
+    copies = {r.step: r.link for r in ExactCopies(chain.store, run).records()}
+    return [c.step for c in commits if copies.get(c.step) == c.digest]
 
 
 def _sharded_bundle(chain: Chain, step: int | str, device: str) -> Bundle:
@@ -300,6 +386,9 @@ def gc(run: str | None = None, *, store: str | Store | None = None, dry_run: boo
             keys = ShardedRun(st, name).garbage()
         else:
             keys = chain.garbage()
+            head = chain.head()
+            if head is not None:
+                keys += ExactCopies(st, name).garbage(head.step)
         for key in keys:
             report.bytes += st.size(key)
             if not dry_run:
@@ -330,4 +419,8 @@ def verify(run: str, *, store: str | Store | None = None, base: BaseSpec | None 
         report.bytes_checked += commit.size
         if progress:
             progress(1)
+    copies = ExactCopies(chain.store, run)
+    for record in copies.records():
+        copies.verify(record)
+        report.bytes_checked += record.size
     return report

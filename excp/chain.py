@@ -5,6 +5,7 @@ Store layout (any backend)::
     runs/<run>/run.json                               codec parameters, base, created-at
     runs/<run>/archives/<step:012d>-<digest>.excp     archive, written first
     runs/<run>/commits/<step:012d>.json               commit record, written last
+    runs/<run>/exact/...                              exact copies (:mod:`excp.exact`)
 
 A checkpoint exists iff its commit record exists; the record is written with
 ``put_if_absent``, so of two racing writers exactly one commits a step. Every link
@@ -276,11 +277,17 @@ class Chain:
         base = self.config().get("base")
         return Base(**base) if base else None
 
-    def create(self, params: CodecParams, base: Base | None, kind: str | None = None) -> None:
+    def keep_exact(self) -> int:
+        """How many of the newest steps keep an exact copy (:mod:`excp.exact`); 0 for a
+        run created before exact copies existed."""
+        return int(self.config().get("keep_exact", 0))
+
+    def create(self, params: CodecParams, base: Base | None, kind: str | None = None,
+               keep_exact: int = 0) -> None:
         """Write ``run.json`` if the run does not exist yet. ``kind`` marks a run whose
         steps are not this chain's (``sharded``: :mod:`excp.sharded`)."""
         record = {"params": params.to_dict(), "base": asdict(base) if base else None,
-                  "created_at": time.time(), "version": RECORD_VERSION}
+                  "keep_exact": keep_exact, "created_at": time.time(), "version": RECORD_VERSION}
         if kind is not None:
             record["kind"] = kind
         self.store.put_if_absent(f"{self._prefix}/run.json", json.dumps(record, indent=1).encode())

@@ -145,10 +145,13 @@ def main() -> None:
 @click.option("--keyframe-bits", type=int, default=None, help="Paper/keep rules: bits per keyframe code.")
 @click.option("--keyframe-every", type=int, default=None, help="A standalone keyframe every K links.")
 @click.option("--zstd-level", type=int, default=None, help="zstd level, 1-22.")
+@click.option("--keep-exact", type=int, default=None, metavar="K",
+              help="New run: also keep an exact copy of the newest K steps (default 0); "
+                   "an existing run keeps its own.")
 @with_base
 @_fail_cleanly
 def push(path: str, run: str, step: int | None, target: Target, preset_name: str | None,
-         init_seed: int | None, model_factory: str | None, **options: Any) -> None:
+         init_seed: int | None, model_factory: str | None, keep_exact: int | None, **options: Any) -> None:
     """Compress the checkpoint at PATH and commit it as a step of RUN."""
     params = None
     if preset_name or any(v is not None for v in options.values()):
@@ -156,7 +159,8 @@ def push(path: str, run: str, step: int | None, target: Target, preset_name: str
     bundle = api.to_bundle(path)
     with _bar(bundle.num_parameters(), "param", "compress") as progress:
         result, _ = target.push(bundle, run, step=step, params=params,
-                                base=_base(init_seed, model_factory), progress=progress)
+                                base=_base(init_seed, model_factory), progress=progress,
+                                keep_exact=keep_exact)
     c = result.commit
     state = "committed" if result.created else "already stored (no-op)"
     kind = "keyframe" if c.keyframe else f"link {c.depth}"
@@ -170,14 +174,17 @@ def push(path: str, run: str, step: int | None, target: Target, preset_name: str
 @click.option("-o", "--out", required=True, type=click.Path(), help="Where to write the checkpoint.")
 @where
 @click.option("--device", default="cpu", show_default=True, help="Device to decode on.")
+@click.option("--lossy", is_flag=True,
+              help="Give the lossy reconstruction even where the step has an exact copy.")
 @with_base
 @_fail_cleanly
-def restore(run: str, step: str, out: str, target: Target, device: str,
+def restore(run: str, step: str, out: str, target: Target, device: str, lossy: bool,
             init_seed: int | None, model_factory: str | None) -> None:
-    """Reconstruct a step of RUN and write it in the layout it was pushed in."""
+    """Reconstruct a step of RUN (bit for bit where it has an exact copy) and write it in
+    the layout it was pushed in."""
     with _bar(0, "link", "restore") as progress:
         bundle = target.restore(run, step, out, device=device, base=_base(init_seed, model_factory),
-                                progress=progress)
+                                progress=progress, lossy=lossy)
     click.echo(f"restored run {run} step {bundle.step} to {out}")
 
 
@@ -186,7 +193,7 @@ def restore(run: str, step: str, out: str, target: Target, device: str,
 @where
 @_fail_cleanly
 def ls(run: str | None, target: Target) -> None:
-    """List runs, or a run's checkpoints with sizes, ratios and keyframes."""
+    """List runs, or a run's checkpoints with sizes, ratios, keyframes and which restore exactly."""
     place = target.place
     if run is None:
         names = target.runs()
@@ -201,12 +208,13 @@ def ls(run: str | None, target: Target) -> None:
         click.echo(f"run {run!r} has no checkpoints yet: push one with "
                    f"`excp push CHECKPOINT --run {run} {place.option}`", err=True)
         return
-    click.echo(f"{'step':>12}  {'kind':<9} {'parent':>8} {'raw':>10} {'stored':>10} {'ratio':>8}")
+    exact = set(target.exact_steps(run))
+    click.echo(f"{'step':>12}  {'kind':<9} {'parent':>8} {'raw':>10} {'stored':>10} {'ratio':>8}  exact")
     for c in commits:
         kind = "keyframe" if c.keyframe else "link"
         parent = "-" if c.parent is None else str(c.parent)
         click.echo(f"{c.step:>12}  {kind:<9} {parent:>8} {human_bytes(c.raw_bytes):>10} "
-                   f"{human_bytes(c.size):>10} {c.ratio:>7.1f}x")
+                   f"{human_bytes(c.size):>10} {c.ratio:>7.1f}x  {'yes' if c.step in exact else '-'}")
 
 
 @main.command()
@@ -226,9 +234,13 @@ def inspect(archive: str | None, run: str | None, step: str | None, target: Targ
         click.echo(json.dumps(info, indent=1))
         return
     header = info["header"]
-    click.echo(f"run {header.get('run')} step {header.get('step')} layout {header.get('layout')} "
-               f"{'keyframe' if header.get('keyframe') else 'link of ' + str(header.get('parent'))}")
-    click.echo("params " + json.dumps(header.get("params")))
+    if header.get("kind") == "exact":
+        what = f"exact copy of link {header.get('link')}"
+    else:
+        what = "keyframe" if header.get("keyframe") else f"link of {header.get('parent')}"
+    click.echo(f"run {header.get('run')} step {header.get('step')} layout {header.get('layout')} {what}")
+    if "params" in header:
+        click.echo("params " + json.dumps(header.get("params")))
     rows = [("tensor", "codec", "dtype", "shape", "stored")]
     for unit in info["units"]:
         first = unit["tensors"][0]

@@ -56,13 +56,18 @@ class Target(ABC):
     @abstractmethod
     def push(self, checkpoint: Checkpoint, run: str, *, step: int | None = None,
              params: CodecParams | None = None, base: BaseSpec | None = None, parent: Head | None = None,
-             progress: Progress = None) -> tuple[PushResult, Reconstruction]:
+             progress: Progress = None, keep_exact: int | None = None) -> tuple[PushResult, Reconstruction]:
         """:func:`excp.api.push`: code ``checkpoint`` against the head and commit it."""
 
     @abstractmethod
     def restore(self, run: str, step: int | str = "latest", out: str | Path | None = None, *,
-                device: str = "cpu", base: BaseSpec | None = None, progress: Progress = None) -> Bundle:
+                device: str = "cpu", base: BaseSpec | None = None, progress: Progress = None,
+                lossy: bool = False) -> Bundle:
         """:func:`excp.api.restore`: reconstruct ``step`` (or ``latest``) on ``device``."""
+
+    @abstractmethod
+    def exact_steps(self, run: str) -> list[int]:
+        """:func:`excp.api.exact_steps`: the steps that restore bit for bit."""
 
     @abstractmethod
     def runs(self) -> list[str]:
@@ -112,13 +117,18 @@ class StoreTarget(Target):
 
     def push(self, checkpoint: Checkpoint, run: str, *, step: int | None = None,
              params: CodecParams | None = None, base: BaseSpec | None = None, parent: Head | None = None,
-             progress: Progress = None) -> tuple[PushResult, Reconstruction]:
+             progress: Progress = None, keep_exact: int | None = None) -> tuple[PushResult, Reconstruction]:
         return api.push(checkpoint, run, step=step, store=self.store, params=params, base=base,
-                        parent=parent, progress=progress)
+                        parent=parent, progress=progress, keep_exact=keep_exact)
 
     def restore(self, run: str, step: int | str = "latest", out: str | Path | None = None, *,
-                device: str = "cpu", base: BaseSpec | None = None, progress: Progress = None) -> Bundle:
-        return api.restore(run, step, out, store=self.store, device=device, base=base, progress=progress)
+                device: str = "cpu", base: BaseSpec | None = None, progress: Progress = None,
+                lossy: bool = False) -> Bundle:
+        return api.restore(run, step, out, store=self.store, device=device, base=base, progress=progress,
+                           lossy=lossy)
+
+    def exact_steps(self, run: str) -> list[int]:
+        return api.exact_steps(run, self.store)
 
     def runs(self) -> list[str]:
         return api.list_runs(self.store)

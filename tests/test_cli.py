@@ -148,12 +148,12 @@ def test_ls_lists_runs_and_a_runs_steps(cli, checkpoints, store) -> None:
     assert _ok(cli("ls")).splitlines() == ["alpha", "beta"]
 
     table = _ok(cli("ls", "--run", "alpha")).splitlines()
-    assert table[0].split() == ["step", "kind", "parent", "raw", "stored", "ratio"]
+    assert table[0].split() == ["step", "kind", "parent", "raw", "stored", "ratio", "exact"]
     rows = [line.split() for line in table[1:]]
     assert [row[0] for row in rows] == ["2", "4", "6"]
     assert [row[1] for row in rows] == ["keyframe", "link", "link"]
     assert [row[2] for row in rows] == ["-", "2", "4"]
-    assert all(row[-1].endswith("x") for row in rows)
+    assert all(row[-2].endswith("x") and row[-1] == "-" for row in rows)
 
 
 def test_inspect_an_archive_and_a_stored_step(cli, checkpoints, store) -> None:

@@ -20,8 +20,8 @@ PACKAGES = ("excp", "server")
 # component: (layer, the modules it holds: a name covers the module and everything under it)
 LAYERS: dict[str, tuple[int, tuple[str, ...]]] = {
     "core": (0, ("excp.__init__", "excp.errors", "excp.bundle", "excp.codec", "excp.format", "excp.store",
-                 "excp.chain", "excp.place", "excp.sharded", "excp.adapters", "excp.workload", "excp.cache",
-                 "excp.memory", "excp.units")),
+                 "excp.chain", "excp.exact", "excp.place", "excp.sharded", "excp.adapters", "excp.workload",
+                 "excp.cache", "excp.memory", "excp.units")),
     "api": (1, ("excp.api", "excp.target")),
     "client": (2, ("excp.client",)),
     "dcp": (2, ("excp.dcp",)),

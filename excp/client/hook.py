@@ -52,6 +52,7 @@ from excp.client.target import open_target
 from excp.codec.params import CodecParams, params_of
 from excp.codec.pipeline import reconstruction_of
 from excp.errors import Conflict, ExcpError, InvalidInput, NotFound
+from excp.exact import validate_keep
 from excp.store import Store
 from excp.target import Target, is_service_url
 from excp.units import human_bytes
@@ -98,22 +99,27 @@ class Checkpointer:
     ``None`` means ``$EXCP_STORE`` or ``./excp-store``. ``every``: :meth:`step` saves
     when ``step % every == 0``. ``preset``: codec options for a new run (a preset name
     or :class:`CodecParams`); an existing run keeps its own. ``base``: start the chain
-    from weights rebuilt from a seed. ``client_options`` (``retries``, ``backoff``,
-    ``timeout``, ``retry_refused``) tune the HTTP client. Unlike the CLI, the hook
-    retries a refused connection like any other failure (``retry_refused=True``): a
-    service being restarted refuses connections for a while, and a training job should
-    outlive that.
+    from weights rebuilt from a seed. ``keep_exact``: for a new run, keep an exact copy
+    of the newest K saves beside the lossy chain (default 0: none; see
+    :func:`excp.api.push`), so a job resumed from its latest save continues bit for bit;
+    an existing run keeps its own (None) or must be given the same K.
+    ``client_options`` (``retries``, ``backoff``, ``timeout``, ``retry_refused``) tune
+    the HTTP client. Unlike the CLI, the hook retries a refused connection like any
+    other failure (``retry_refused=True``): a service being restarted refuses
+    connections for a while, and a training job should outlive that.
     """
 
     def __init__(self, run: str, target: str | Store | Target | None = None, *, every: int = 1000,
                  preset: str | CodecParams | None = None, token: str | None = None,
-                 base: BaseSpec | None = None, when_busy: str = "wait", **client_options: Any) -> None:
+                 base: BaseSpec | None = None, when_busy: str = "wait",
+                 keep_exact: int | None = None, **client_options: Any) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise InvalidInput(f"every={every!r}: save every N steps with an integer N >= 1")
         if when_busy not in WHEN_BUSY:
             raise InvalidInput(f"when_busy={when_busy!r}: use 'wait' (block until the previous save "
                                "is done) or 'skip' (drop this save)")
         self.run, self.every, self.when_busy, self.base = validate_run(run), every, when_busy, base
+        self.keep_exact = None if keep_exact is None else validate_keep(keep_exact)
         self.params = params_of(preset)
         if isinstance(target, str) and is_service_url(target):
             client_options.setdefault("retry_refused", True)
@@ -208,7 +214,7 @@ class Checkpointer:
         started = time.perf_counter()
         bundle = build()
         result, recon = self.target.push(bundle, self.run, step=step, params=self.params, base=self.base,
-                                         parent=self._head)
+                                         parent=self._head, keep_exact=self.keep_exact)
         with self._lock:
             if result.created:
                 self._head = Head(result.commit, recon)
@@ -295,9 +301,11 @@ class Checkpointer:
 
     def restore(self, model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
                 step: int | str = "latest", device: str | None = None) -> dict | None:
-        """Load ``step`` of this run into ``model``/``optimizer`` and keep its
-        reconstruction as the parent of the next save. Returns the checkpoint dict, or
-        None if the run has no checkpoint yet (start from scratch)."""
+        """Load ``step`` of this run into ``model``/``optimizer`` (bit for bit where it has
+        an exact copy) and keep its reconstruction as the parent of the next save (after
+        an exact restore, the next push finds the link's in the cache or decodes it).
+        Returns the checkpoint dict, or None if the run has no checkpoint yet (start
+        from scratch)."""
         self.wait()
         try:
             commits = self.target.commits(self.run)
@@ -306,11 +314,13 @@ class Checkpointer:
         if not commits and step == "latest":
             return None
         chosen = commits[-1] if step == "latest" else _commit_at(commits, self.run, step)
+        mode = self.target.params(self.run).mode
+        # Asked before the restore: a copy dropped meanwhile only makes the restore lossy.
+        exact = mode != "lossless" and chosen.step in self.target.exact_steps(self.run)
         bundle = self.target.restore(self.run, chosen.step, device=device or _device_of(model),
                                      base=self.base)
         checkpoint = _load_into(bundle, self.run, model, optimizer)
-        if chosen.step == commits[-1].step:
-            mode = self.target.params(self.run).mode
+        if chosen.step == commits[-1].step and not exact:  # links are coded against the lossy restore
             recon = {name: t if bundle.tensors[name].role is Role.WEIGHT else t.clone()
                      for name, t in reconstruction_of(bundle, mode).items()}
             self._head = Head(chosen, recon)

@@ -28,6 +28,7 @@ from excp.client.http import Client, RunInfo
 from excp.codec.params import CodecParams
 from excp.codec.pipeline import Reconstruction
 from excp.errors import ChainMismatch, InvalidInput, NotFound
+from excp.exact import validate_keep
 from excp.place import Place
 from excp.store import LocalStore, Store, open_store
 from excp.target import Checkpoint, StoreTarget, Target, is_service_url
@@ -51,7 +52,10 @@ class ServiceTarget(Target):
 
     def push(self, checkpoint: Checkpoint, run: str, *, step: int | None = None,
              params: CodecParams | None = None, base: BaseSpec | None = None, parent: Head | None = None,
-             progress: Progress = None) -> tuple[PushResult, Reconstruction]:
+             progress: Progress = None, keep_exact: int | None = None) -> tuple[PushResult, Reconstruction]:
+        if keep_exact is not None and validate_keep(keep_exact):
+            raise InvalidInput(f"keep_exact={keep_exact}: a service keeps no exact copies yet; push to a "
+                               "store URL to keep them, or leave keep_exact out")
         bundle = api.to_bundle(checkpoint)
         step = bundle.step if step is None else step
         if step is None:
@@ -118,12 +122,19 @@ class ServiceTarget(Target):
                 chain.adopt(commit, spool)
 
     def restore(self, run: str, step: int | str = "latest", out: str | Path | None = None, *,
-                device: str = "cpu", base: BaseSpec | None = None, progress: Progress = None) -> Bundle:
+                device: str = "cpu", base: BaseSpec | None = None, progress: Progress = None,
+                lossy: bool = False) -> Bundle:
         with self._mirror(run) as chain:
             number = chain.resolve(step)
             self._fetch(chain, chain.path_to(number))
             return api.restore(run, number, out, store=chain.store, device=device, base=base,
-                               progress=progress)
+                               progress=progress, lossy=lossy)
+
+    def exact_steps(self, run: str) -> list[int]:
+        """Every step of a lossless-mode run; a service keeps no exact copies otherwise."""
+        if self.params(run).mode != "lossless":
+            return []
+        return [c.step for c in self.commits(run)]
 
     def runs(self) -> list[str]:
         return self.client.runs()

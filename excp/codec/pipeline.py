@@ -165,7 +165,7 @@ def encode_unit(name: str, weight: torch.Tensor, parent: torch.Tensor | None,
     return ("excp", *lossy.encode_unit(weight, parent, moments, params, keyframe))
 
 
-def _tensor_spec(spec: dict[str, Any], label: str) -> tuple[Role, torch.dtype, tuple[int, ...]]:
+def tensor_spec(spec: dict[str, Any], label: str) -> tuple[Role, torch.dtype, tuple[int, ...]]:
     try:
         role = Role(spec["role"])
         dtype = DTYPES[spec["dtype"]]
@@ -199,7 +199,7 @@ def _dimension(value: Any) -> int:
     return value
 
 
-def _read_streams(reader: ArchiveReader, unit: Unit, device: torch.device) -> dict[str, torch.Tensor]:
+def read_streams(reader: ArchiveReader, unit: Unit, device: torch.device) -> dict[str, torch.Tensor]:
     return {name: torch.frombuffer(reader.read_stream(unit, name), dtype=torch.uint8).to(device)
             if unit.streams[name]["size"] else torch.empty(0, dtype=torch.uint8, device=device)
             for name in unit.streams}
@@ -235,7 +235,7 @@ def decode_archive(reader: ArchiveReader, parent: Reconstruction | None,
     with ThreadPoolExecutor(DECODE_THREADS) as pool:
         for unit in reader.units:
             label = f"{reader.label}, tensor {unit.name!r}"
-            specs = [(_tensor_spec(s, label), s) for s in unit.tensors]
+            specs = [(tensor_spec(s, label), s) for s in unit.tensors]
             roles = {role for (role, _, _), _ in specs}
             if weights_only and (roles <= {Role.OTHER} or (mode == "excp" and roles <= set(MOMENT_ROLES))):
                 continue
@@ -243,7 +243,7 @@ def decode_archive(reader: ArchiveReader, parent: Reconstruction | None,
                 specs = [item for item in specs if item[0][0] is Role.WEIGHT]
             while len(jobs) >= 2 * DECODE_THREADS:
                 collect()
-            streams = _guarded(label, lambda unit=unit: _read_streams(reader, unit, device))
+            streams = _guarded(label, lambda unit=unit: read_streams(reader, unit, device))
             jobs.append((specs, pool.submit(
                 _guarded, label, lambda u=unit, sp=specs, st=streams, lb=label, rs=roles:
                 _decode_unit(u, sp, st, parent, device, lb, rs))))

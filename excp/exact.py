@@ -1,0 +1,151 @@
+"""Exact copies beside a run's lossy chain: the newest ``keep_exact`` steps, bit for bit.
+
+Store layout, next to the chain's (:mod:`excp.chain`)::
+
+    runs/<run>/exact/archives/<step:012d>-<digest>.excp   exact archive, written first
+    runs/<run>/exact/commits/<step:012d>.json             its record, written last
+
+An exact copy is coded against its step's *restored* link (:mod:`excp.codec.exact`),
+so it adds only the difference between the reconstruction and the original; the chain
+itself never reads one, and links go on being coded against reconstructions. A copy
+exists iff its record exists, and its record names the link archive it corrects
+(a copy of a link that is no longer the step's is ignored). The record is written with
+``put_if_absent`` after the archive is stored; retention deletes a record before its
+archive. So a crash anywhere leaves each step restorable (exactly, or from its link)
+and at worst an archive without a record, which ``excp gc`` collects.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+from excp.bundle import Bundle
+from excp.chain import RECORD_VERSION, Commit, read_record, validate_step
+from excp.codec.exact import content_digest, decode_exact, encode_exact
+from excp.errors import CorruptData, InvalidInput, NotFound
+from excp.format.container import ArchiveReader, ArchiveWriter
+from excp.store import Store
+
+KIND = "exact"
+
+
+def validate_keep(keep: int) -> int:
+    """A number of exact copies to keep: an integer, 0 or more."""
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+        raise InvalidInput(f"keep_exact={keep!r}: keep the exact copies of the newest K steps, "
+                           "with an integer K >= 0 (0: none)")
+    return keep
+
+
+@dataclass(frozen=True)
+class ExactCommit:
+    """The record that makes a step's exact copy exist. ``link`` is the digest of the
+    link archive it corrects; ``content`` the original's :func:`content_digest`."""
+
+    step: int
+    archive: str
+    digest: str
+    size: int
+    link: str
+    content: str
+    created_at: float
+    version: int = RECORD_VERSION
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True, indent=1).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, label: str) -> ExactCommit:
+        return read_record(data, label, lambda fields: cls(**fields))
+
+
+class ExactCopies:
+    """The exact copies of one run in one store."""
+
+    def __init__(self, store: Store, run: str) -> None:
+        self.store = store
+        self.run = run
+        self._prefix = f"runs/{run}/exact"
+
+    def _record_key(self, step: int) -> str:
+        return f"{self._prefix}/commits/{step:012d}.json"
+
+    def records(self) -> list[ExactCommit]:
+        """Every exact record, in step order."""
+        keys = [key for key in self.store.list(f"{self._prefix}/commits/") if key.endswith(".json")]
+        return [ExactCommit.from_json(self.store.get(key), f"run {self.run!r}, exact copy record {key}")
+                for key in keys]
+
+    def of(self, commit: Commit) -> ExactCommit | None:
+        """The exact copy of ``commit``'s step, if one is committed for that very link."""
+        try:
+            data = self.store.get(self._record_key(validate_step(commit.step)))
+        except NotFound:
+            return None
+        record = ExactCommit.from_json(data, f"run {self.run!r}, exact copy of step {commit.step}")
+        return record if record.link == commit.digest else None
+
+    def write(self, bundle: Bundle, lossy: Bundle, link: Commit, level: int) -> ExactCommit | None:
+        """Store and commit the exact copy of ``link``'s step: ``bundle`` coded against
+        ``lossy``, the link's restore. None if another writer committed one first, or
+        if ``excp gc`` took the archive before its record was written."""
+        header = {"kind": KIND, "run": self.run, "step": link.step, "link": link.digest,
+                  "layout": bundle.layout, "content": content_digest(bundle)}
+        with tempfile.TemporaryFile() as spool:
+            writer = ArchiveWriter(spool, level=level, symbols=False)
+            encode_exact(bundle, lossy, writer, level)
+            summary = writer.finish(header)
+            key = f"{self._prefix}/archives/{link.step:012d}-{summary.digest}.excp"
+            spool.seek(0)
+            self.store.put(key, spool)
+        record = ExactCommit(link.step, key, summary.digest, summary.size, link.digest, header["content"],
+                             time.time())
+        if not self.store.put_if_absent(self._record_key(link.step), record.to_json()):
+            return None
+        if not self.store.exists(key):
+            self.store.delete(self._record_key(link.step))
+            return None
+        return record
+
+    def apply(self, record: ExactCommit, lossy: Bundle) -> Bundle:
+        """``lossy`` (the step's link, restored on the CPU) made exact by ``record``'s copy."""
+        label = f"run {self.run!r} step {record.step} (exact copy)"
+        try:
+            size = self.store.size(record.archive)
+        except NotFound:
+            raise CorruptData(f"{label}: archive {record.archive} is missing; restore with --lossy") from None
+        if size != record.size:
+            raise CorruptData(f"{label}: archive is {size} bytes, its record says {record.size}")
+        with self.store.open_read(record.archive) as handle:
+            return decode_exact(ArchiveReader(handle, size, label), lossy, record.content)
+
+    def retain(self, keep: int, steps: list[int]) -> list[int]:
+        """Delete the exact copies of all but the newest ``keep`` of ``steps`` (the run's
+        committed steps, in order), record first; returns the steps whose copy went."""
+        kept = set(steps[-keep:]) if keep else set()
+        dropped = []
+        for record in self.records():
+            if record.step not in kept:
+                self.store.delete(self._record_key(record.step))
+                self.store.delete(record.archive)
+                dropped.append(record.step)
+        return dropped
+
+    def garbage(self, head: int) -> list[str]:
+        """Exact archives no record names, up to the step before ``head`` (a push may be
+        writing the head's copy: it is collected once a later step is committed)."""
+        named = {r.archive for r in self.records()}
+        found = []
+        for key in self.store.list(f"{self._prefix}/archives/"):
+            step = key.rsplit("/", 1)[-1].split("-", 1)[0]
+            if key not in named and step.isdigit() and int(step) < head:
+                found.append(key)
+        return found
+
+    def verify(self, record: ExactCommit) -> None:
+        """Every checksum of ``record``'s archive."""
+        with self.store.open_read(record.archive) as handle:
+            ArchiveReader(handle, record.size, f"run {self.run!r} step {record.step} (exact copy)").verify()
