@@ -15,7 +15,7 @@ Naming conventions (shared by all adapters, relied on by the codec):
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -94,12 +94,18 @@ class Bundle:
         Tells an identical re-push (a no-op) from a different checkpoint under the
         same step. xxh3-128 because it runs at memory speed.
         """
-        hasher = xxhash.xxh3_128()
-        for entry in self.tensors.values():
-            t = entry.tensor.detach().contiguous().cpu()
-            hasher.update(f"{entry.name}|{entry.role.value}|{t.dtype}|{tuple(t.shape)}|".encode())
-            hasher.update(t.view(-1).view(torch.uint8).numpy())
-        for name in sorted(self.extras):
-            hasher.update(f"{name}|{len(self.extras[name])}|".encode())
-            hasher.update(self.extras[name])
-        return hasher.hexdigest()
+        return content_hash(self.tensors.values(), self.extras)
+
+
+def content_hash(entries: Iterable[TensorEntry], extras: dict[str, bytes]) -> str:
+    """xxh3-128 of the tensors in the order given (name, role, dtype, shape, bytes) and
+    of the extras in name order."""
+    hasher = xxhash.xxh3_128()
+    for entry in entries:
+        t = entry.tensor.detach().contiguous().cpu()
+        hasher.update(f"{entry.name}|{entry.role.value}|{t.dtype}|{tuple(t.shape)}|".encode())
+        hasher.update(t.view(-1).view(torch.uint8).numpy())
+    for name in sorted(extras):
+        hasher.update(f"{name}|{len(extras[name])}|".encode())
+        hasher.update(extras[name])
+    return hasher.hexdigest()

@@ -206,7 +206,8 @@ def _settings_dict(s: Settings) -> dict[str, Any]:
 
 
 def targets(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The benchmark's targets (ratio, quality, speed), each met or missed by how much (only those whose contenders ran)."""
+    """The benchmark's targets (ratio, quality, speed), each met or missed by how much
+    (only those whose contenders ran)."""
     by_key = {e["key"]: e for e in entries if e.get("available")}
     found: list[dict[str, Any]] = []
     default, paper = by_key.get("default"), by_key.get("paper")

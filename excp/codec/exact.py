@@ -11,9 +11,8 @@ the original or an error, never something in between.
 from __future__ import annotations
 
 import torch
-import xxhash
 
-from excp.bundle import Bundle, TensorEntry
+from excp.bundle import Bundle, TensorEntry, content_hash
 from excp.codec import correction
 from excp.codec.pipeline import describe, read_streams, tensor_spec
 from excp.codec.types import Encoded
@@ -24,19 +23,9 @@ CODEC = "correction"
 
 
 def content_digest(bundle: Bundle) -> str:
-    """xxh3-128 of every tensor (name, role, dtype, shape, bytes) and extra, in name
-    order: the same for a checkpoint and its exact restore, whatever order each holds
-    its tensors in."""
-    hasher = xxhash.xxh3_128()
-    for name in sorted(bundle.tensors):
-        entry = bundle.tensors[name]
-        t = entry.tensor.detach().contiguous().cpu()
-        hasher.update(f"{name}|{entry.role.value}|{t.dtype}|{tuple(t.shape)}|".encode())
-        hasher.update(t.view(-1).view(torch.uint8).numpy())
-    for name in sorted(bundle.extras):
-        hasher.update(f"{name}|{len(bundle.extras[name])}|".encode())
-        hasher.update(bundle.extras[name])
-    return hasher.hexdigest()
+    """The bundle's content hash over its tensors in name order: the same for a
+    checkpoint and its exact restore, whatever order each holds its tensors in."""
+    return content_hash((bundle.tensors[name] for name in sorted(bundle.tensors)), bundle.extras)
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
