@@ -245,4 +245,17 @@ def test_an_exact_upload_for_another_link_is_refused_and_commits_nothing(server:
     assert ExactCopies(server.store, run).records() == before
     assert _exact_steps_in_store(server, run) == [10]
     assert api.exact_steps(run, server.store) == [10]
+    assert server.get(f"/v1/runs/{run}/checkpoints/5/exact").status_code == 404
+    assert server.get(f"/v1/runs/{run}/checkpoints/latest/exact").headers["X-Excp-Digest"] == before[0].digest
+
+    with tempfile.TemporaryFile() as body:
+        _copy_of(run, 10, commits[1].digest, checkpoints[1], server, body)
+        copy_bytes = body.read()
+    answer = _put_exact(server, run, 15, copy_bytes)  # no such step
+    assert answer.status_code == 404 and answer.json()["error"]["code"] == "not_found"
+    with open_target(_address(server), TEAM_A, **FAST) as service:
+        service.push(checkpoints[0], "team-a-exact-none")
+    answer = _put_exact(server, "team-a-exact-none", 5, copy_bytes)
+    assert answer.status_code == 400 and "keeps no exact copies" in answer.json()["error"]["message"]
+    assert not (server.backend.directory / "runs" / "team-a-exact-none" / "exact").exists()
 
