@@ -22,7 +22,7 @@ from excp.chain import Base, Chain, Commit, Head, PushResult, recon_digest
 from excp.codec.params import CodecParams
 from excp.codec.pipeline import Reconstruction
 from excp.errors import InvalidInput
-from excp.exact import ExactCommit, ExactCopies, validate_keep
+from excp.exact import ExactCommit, ExactCopies, on_cpu, validate_keep
 from excp.format.container import ArchiveReader
 from excp.store import Store, open_store
 
@@ -186,8 +186,7 @@ def _keep_exact_copy(chain: Chain, bundle: Bundle, result: PushResult, parent: R
             return
         lossy, _ = chain.restore(commit.step, base_recon=base_recon())
     else:
-        on_cpu = None if parent is None else {name: t.cpu() for name, t in parent.items()}
-        lossy, _ = chain.read(commit, on_cpu, "cpu", weights_only=False)
+        lossy, _ = chain.read(commit, on_cpu(parent), "cpu", weights_only=False)
     copies.write(bundle, lossy, commit, chain.params().zstd_level)
     copies.retain(keep, steps)
 

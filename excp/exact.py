@@ -17,16 +17,19 @@ and at worst an archive without a record, which ``excp gc`` collects.
 
 from __future__ import annotations
 
+import io
 import json
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from typing import BinaryIO
 
 from excp.bundle import Bundle
-from excp.chain import RECORD_VERSION, Commit, read_record, validate_step
+from excp.chain import RECORD_VERSION, Commit, archive_digest, read_record, validate_step
 from excp.codec.exact import content_digest, decode_exact, encode_exact
-from excp.errors import CorruptData, InvalidInput, NotFound
-from excp.format.container import ArchiveReader, ArchiveWriter
+from excp.codec.pipeline import Reconstruction
+from excp.errors import ChainMismatch, CorruptData, InvalidInput, NotFound
+from excp.format.container import ArchiveReader, ArchiveSummary, ArchiveWriter
 from excp.store import Store
 
 KIND = "exact"
@@ -38,6 +41,40 @@ def validate_keep(keep: int) -> int:
         raise InvalidInput(f"keep_exact={keep!r}: keep the exact copies of the newest K steps, "
                            "with an integer K >= 0 (0: none)")
     return keep
+
+
+def on_cpu(recon: Reconstruction | None) -> Reconstruction | None:
+    """A parent reconstruction moved to the CPU: an exact copy is coded against its link
+    decoded there, as every exact restore decodes it, whatever device pushed it."""
+    return None if recon is None else {name: t.cpu() for name, t in recon.items()}
+
+
+def encode_copy(run: str, bundle: Bundle, lossy: Bundle, link: Commit, level: int,
+                out: BinaryIO) -> ArchiveSummary:
+    """Code ``bundle`` against ``lossy`` (``link`` restored on the CPU) into ``out``: the
+    archive of the step's exact copy, the same whether a store keeps it here or a
+    training node sends it to a service."""
+    header = {"kind": KIND, "run": run, "step": link.step, "link": link.digest,
+              "layout": bundle.layout, "content": content_digest(bundle)}
+    writer = ArchiveWriter(out, level=level, symbols=False)
+    encode_exact(bundle, lossy, writer, level)
+    return writer.finish(header)
+
+
+def _copy_header(reader: ArchiveReader, link: Commit, run: str) -> dict:
+    """An uploaded copy's header, checked against the link it must correct: every
+    checksum first, then that it is an exact copy of this very link."""
+    reader.verify()
+    header = reader.header
+    if header.get("kind") != KIND or not isinstance(header.get("content"), str):
+        raise InvalidInput(f"{reader.label}: not an exact copy; code it with excp.exact.encode_copy")
+    if header.get("run") != run or header.get("step") != link.step:
+        raise InvalidInput(f"{reader.label}: the copy is of run {header.get('run')!r} step "
+                           f"{header.get('step')!r}; upload it under its own run and step")
+    if header.get("link") != link.digest:
+        raise ChainMismatch(f"{reader.label}: the copy corrects link {header.get('link')!r}, but step "
+                            f"{link.step} is committed as link {link.digest}; code it against that link")
+    return header
 
 
 @dataclass(frozen=True)
@@ -92,23 +129,53 @@ class ExactCopies:
         """Store and commit the exact copy of ``link``'s step: ``bundle`` coded against
         ``lossy``, the link's restore. None if another writer committed one first, or
         if ``excp gc`` took the archive before its record was written."""
-        header = {"kind": KIND, "run": self.run, "step": link.step, "link": link.digest,
-                  "layout": bundle.layout, "content": content_digest(bundle)}
         with tempfile.TemporaryFile() as spool:
-            writer = ArchiveWriter(spool, level=level, symbols=False)
-            encode_exact(bundle, lossy, writer, level)
-            summary = writer.finish(header)
-            key = f"{self._prefix}/archives/{link.step:012d}-{summary.digest}.excp"
-            spool.seek(0)
-            self.store.put(key, spool)
-        record = ExactCommit(link.step, key, summary.digest, summary.size, link.digest, header["content"],
-                             time.time())
+            summary = encode_copy(self.run, bundle, lossy, link, level, spool)
+            return self._commit(spool, link, summary.digest, summary.size, summary.header["content"])
+
+    def commit_archive(self, archive: BinaryIO, link: Commit) -> tuple[ExactCommit, bool]:
+        """Store and commit an uploaded copy of ``link``'s step (untrusted: every checksum
+        is verified, and its header must name ``link``, the step's committed link).
+        Returns the record and whether it was created (False: the step already had one)."""
+        size = archive.seek(0, io.SEEK_END)
+        archive.seek(0)
+        label = f"run {self.run!r} step {link.step} (exact copy upload)"
+        header = _copy_header(ArchiveReader(archive, size, label), link, self.run)
+        existing = self.of(link)
+        if existing is not None:
+            return existing, False
+        record = self._commit(archive, link, archive_digest(archive), size, header["content"])
+        if record is None:
+            existing = self.of(link)
+            if existing is None:
+                raise ChainMismatch(f"{label}: another copy of step {link.step} was committed for another "
+                                    "link meanwhile; restore the step and push it again")
+            return existing, False
+        return record, True
+
+    def _commit(self, archive: BinaryIO, link: Commit, digest: str, size: int,
+                content: str) -> ExactCommit | None:
+        """Store ``archive`` as ``link``'s copy, then write its record (see :meth:`write`)."""
+        key = f"{self._prefix}/archives/{link.step:012d}-{digest}.excp"
+        archive.seek(0)
+        self.store.put(key, archive)
+        record = ExactCommit(link.step, key, digest, size, link.digest, content, time.time())
         if not self.store.put_if_absent(self._record_key(link.step), record.to_json()):
             return None
         if not self.store.exists(key):
             self.store.delete(self._record_key(link.step))
             return None
         return record
+
+    def adopt(self, record: ExactCommit, archive: BinaryIO) -> None:
+        """Store a copy and its record exactly as another store holds them: how a client
+        mirrors a step's exact copy from a service."""
+        if not record.archive.startswith(f"{self._prefix}/archives/"):
+            raise CorruptData(f"run {self.run!r} step {record.step}: exact archive key {record.archive!r} "
+                              "is outside the run")
+        archive.seek(0)
+        self.store.put(record.archive, archive)
+        self.store.put_if_absent(self._record_key(validate_step(record.step)), record.to_json())
 
     def apply(self, record: ExactCommit, lossy: Bundle) -> Bundle:
         """``lossy`` (the step's link, restored on the CPU) made exact by ``record``'s copy."""

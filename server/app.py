@@ -36,7 +36,8 @@ in a store. Errors are `{"error": {"code", "message"}}`. Authenticate with
 
 def _is_upload(scope: Scope) -> bool:
     path, method = scope["path"], scope["method"]
-    return (method == "PUT" and path.endswith("/archive")) or (method == "POST" and path.endswith("/raw"))
+    return ((method == "PUT" and path.endswith(("/archive", "/exact")))
+            or (method == "POST" and path.endswith("/raw")))
 
 
 def _alive(pid: int) -> bool:

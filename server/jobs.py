@@ -71,21 +71,21 @@ def allowed_base(chain: Chain, allowed: tuple[str, ...]) -> api.BaseSpec | None:
 
 
 def create_run(store: str | Store, run: str, params: dict[str, Any], seed: int | None,
-               factory: str | None) -> None:
+               factory: str | None, keep_exact: int = 0) -> None:
     """Create a run; with a seed base, build the factory's weights to record their hash."""
     chain = Chain(_store(store), run)
     base = None
     if factory is not None and seed is not None:
         spec = api.BaseSpec(seed, factory)
         base = Base(seed, factory, recon_digest(api.build_base(spec)))
-    chain.create(CodecParams.from_dict(params), base)
+    chain.create(CodecParams.from_dict(params), base, keep_exact=keep_exact)
 
 
 def compress(store: str | Store, run: str, step: int, path: str, allowed: tuple[str, ...]
              ) -> tuple[dict[str, Any], bool]:
-    """Push the uploaded checkpoint at ``path`` as ``step`` of ``run`` (which must exist);
-    returns the commit record and whether it was created (False: the same checkpoint
-    was already there)."""
+    """Push the uploaded checkpoint at ``path`` as ``step`` of ``run`` (which must exist),
+    with its exact copy if the run keeps them; returns the commit record and whether it
+    was created (False: the same checkpoint was already there)."""
     try:
         st = _store(store)
         chain = Chain(st, run)
@@ -101,11 +101,12 @@ def compress(store: str | Store, run: str, step: int, path: str, allowed: tuple[
 
 
 def restore_to(store: str | Store, run: str, step: int, fmt: str, out: str,
-               allowed: tuple[str, ...]) -> None:
-    """Reconstruct ``step`` and write it to ``out`` as ``fmt`` (see :func:`write`)."""
+               allowed: tuple[str, ...], lossy: bool = False) -> None:
+    """Reconstruct ``step`` (bit for bit where it has an exact copy, unless ``lossy``)
+    and write it to ``out`` as ``fmt`` (see :func:`write`)."""
     st = _store(store)
     chain = Chain(st, run)
-    bundle = api.restore(run, step, store=st, base=allowed_base(chain, allowed))
+    bundle = api.restore(run, step, store=st, base=allowed_base(chain, allowed), lossy=lossy)
     write(bundle, fmt, Path(out), run, step)
 
 

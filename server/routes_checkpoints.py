@@ -1,4 +1,4 @@
-"""/v1/runs/{run}/checkpoints: upload (archive or raw), list, metadata, restore, delete."""
+"""/v1/runs/{run}/checkpoints: upload (archive, exact copy or raw), list, metadata, restore, delete."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from excp import api
 from excp.chain import Chain, Commit, PushResult
 from excp.errors import CorruptData, InvalidInput, NotFound
+from excp.exact import ExactCommit, ExactCopies
 from excp.format.container import ArchiveReader
 from excp.place import Place
 from server import jobs
@@ -34,7 +36,7 @@ from server.context import (
     step_or_latest,
 )
 from server.restore_cache import RestoreCache
-from server.schemas import ERRORS, CheckpointList, CheckpointMeta, CommitResult
+from server.schemas import ERRORS, CheckpointList, CheckpointMeta, CommitResult, ExactMeta, ExactResult
 
 router = APIRouter(prefix="/v1/runs/{run}/checkpoints", tags=["checkpoints"], responses=ERRORS)
 
@@ -145,6 +147,67 @@ async def upload_archive(run: RunPath, step: StepPath, request: Request, respons
     return _result(chain.run, result.commit, result.created, response, svc, "archive")
 
 
+def _commit_exact(chain: Chain, upload: BinaryIO, step: int) -> tuple[ExactCommit, bool]:
+    """Commit an uploaded exact copy of ``step``'s link, then drop the copies beyond the
+    run's newest ``keep_exact`` steps."""
+    keep = chain.keep_exact()
+    if keep == 0 or chain.params().mode == "lossless":
+        raise InvalidInput(f"run {chain.run!r} keeps no exact copies (keep_exact 0, or every step is "
+                           "lossless): create the run with keep_exact K to keep them")
+    copies = ExactCopies(chain.store, chain.run)
+    record, created = copies.commit_archive(upload, chain.commit(step))
+    copies.retain(keep, [c.step for c in chain.commits()])
+    return record, created
+
+
+@router.put("/{step}/exact", status_code=201, response_model=ExactResult, openapi_extra=_OCTETS,
+            summary="Upload and commit the exact copy of a committed step",
+            responses={200: {"model": ExactResult, "description": "The step already had its exact copy"}})
+async def upload_exact(run: RunPath, step: StepPath, request: Request, response: Response, who: Caller,
+                       svc: Svc, here: Here) -> ExactResult:
+    """The body is an exact copy made by ``excp.exact.encode_copy`` against the step's
+    link, restored on the CPU (its digest is the step's ``digest``). Every checksum is
+    verified and the header must name that link; the archive is stored and its record
+    written last, then copies beyond the run's newest ``keep_exact`` steps are deleted.
+    201: committed; 200: the step already had one; 400: the run keeps no exact copies;
+    404: no such step; 409: the copy corrects another link; 422: it fails its checks."""
+    number = step_number(step)
+    chain = await _writable(run, who, svc, here)
+    with tempfile.TemporaryFile(dir=svc.spool) as upload:
+        await spool_body(request, upload)
+        async with svc.locks(chain.run):
+            record, created = await run_in_threadpool(_commit_exact, chain, upload, number)
+    response.status_code = 201 if created else 200
+    return ExactResult(created=created, **ExactMeta.of(record).model_dump())
+
+
+@router.get("/{step}/exact", summary="Download a step's exact copy", response_class=StreamingResponse,
+            responses={200: {"content": {"application/octet-stream": {}}, "description": "The archive"}})
+async def download_exact(run: RunPath, step: StepOrLatestPath, who: Caller, svc: Svc,
+                         here: Here) -> StreamingResponse:
+    """The exact copy's archive as stored (``latest`` works); 404 if the step has none.
+    Its record is in GET /v1/runs/{run} (``exact``); its blake2b-128 is ``X-Excp-Digest``."""
+    chain = _readable(run, who, svc, here)
+    wanted = step_or_latest(step)
+
+    def find() -> ExactCommit:
+        commit = chain.commit(chain.resolve(wanted))
+        record = ExactCopies(chain.store, chain.run).of(commit)
+        if record is None:
+            raise NotFound(f"run {chain.run!r} step {commit.step} has no exact copy: restore it with "
+                           "lossy=true")
+        return record
+
+    record = await run_in_threadpool(find)
+    try:
+        handle = await run_in_threadpool(svc.store.open_read, record.archive)
+    except NotFound:
+        raise CorruptData(f"run {chain.run!r} step {record.step}: exact archive {record.archive} is missing; "
+                          "restore it with lossy=true") from None
+    return _stream(handle, record.size, "application/octet-stream", f"{chain.run}-{record.step}-exact.excp",
+                   {"X-Excp-Step": str(record.step), "X-Excp-Digest": record.digest})
+
+
 def _upload_kind(kind: str | None, content_type: str | None) -> str:
     if kind is not None:
         if kind not in ("torch", "safetensors"):
@@ -164,7 +227,8 @@ async def upload_raw(run: RunPath, step: StepPath, request: Request, response: R
     """The body is a ``torch.save`` file (a ``{model, optimizer, ...}`` dict or a state
     dict) or a ``.safetensors`` state dict: ``?kind=`` says which, else a
     ``Content-Type`` of ``application/x-safetensors`` means safetensors. It is compressed
-    against the head by a worker process and committed, as ``excp push`` would."""
+    against the head by a worker process and committed, with its exact copy if the run
+    keeps them, as ``excp push`` would."""
     number = step_number(step)
     chosen = _upload_kind(kind, content_type)
     chain = await _writable(run, who, svc, here)
@@ -185,9 +249,10 @@ class _Plan:
     key: str
 
 
-def _plan(svc: Services, chain: Chain, step: int | str, fmt: str) -> _Plan:
+def _plan(svc: Services, chain: Chain, step: int | str, fmt: str, lossy: bool) -> _Plan:
     """Resolve the step, check the format fits its layout, and name its cache entry after
-    every archive the restore decodes (read from the store now, every time)."""
+    every archive the restore decodes, the exact copy included (read from the store
+    now, every time)."""
     number = chain.resolve(step)
     path = chain.path_to(number)
     target = path[-1]
@@ -199,6 +264,11 @@ def _plan(svc: Services, chain: Chain, step: int | str, fmt: str) -> _Plan:
         raise CorruptData(f"{label}: archive {target.archive} is missing; restore another step") from None
     jobs.check_format(layout, fmt)
     digests = [c.digest for c in path]
+    exact = None if lossy else ExactCopies(chain.store, chain.run).of(target)
+    if exact is not None:
+        digests.append(exact.digest)
+    elif lossy:
+        api.check_lossy(chain.run, chain.params())
     key = RestoreCache.key(svc.store.url, chain.run, fmt, digests, chain.config().get("base"))
     return _Plan(number, layout, key)
 
@@ -209,23 +279,26 @@ def _plan(svc: Services, chain: Chain, step: int | str, fmt: str) -> _Plan:
 async def restore(run: RunPath, step: StepOrLatestPath, who: Caller, svc: Svc, here: Here,
                   fmt: Annotated[str, Query(alias="format", description="torch, safetensors, tar",
                                             json_schema_extra={"enum": list(_SUFFIX)})] = "torch",
+                  lossy: Annotated[bool, Query(description="The link's reconstruction even where the "
+                                                           "step has an exact copy")] = False,
                   ) -> StreamingResponse:
     """Reconstruct ``step`` (a number or ``latest``) in a worker process and stream it:
     ``torch`` is the checkpoint as pushed, ``torch.load(weights_only=True)``-able;
     ``safetensors`` every tensor under its bundle entry name; ``tar`` a Trainer
-    directory. Reconstructions are cached on disk (bounded), keyed by the archive
-    digests the store names now."""
+    directory. A step with an exact copy comes back bit for bit unless ``lossy=true``
+    (400 for a lossless-mode run, which has no other reconstruction). Reconstructions
+    are cached on disk (bounded), keyed by the archive digests the store names now."""
     chain = _readable(run, who, svc, here)
     wanted = step_or_latest(step)
     started = time.perf_counter()
-    plan = await run_in_threadpool(_plan, svc, chain, wanted, fmt)
+    plan = await run_in_threadpool(_plan, svc, chain, wanted, fmt, lossy)
     handle = await run_in_threadpool(svc.cache.open, plan.key)
     hit = handle is not None
     if handle is None:
         staged = svc.cache.staging()
         try:
             await svc.workers.run(jobs.restore_to, chain.run, plan.step, fmt, str(staged),
-                                  svc.config.allowed_factories)
+                                  svc.config.allowed_factories, lossy)
             handle = await run_in_threadpool(svc.cache.commit, plan.key, staged)
         finally:
             await run_in_threadpool(svc.cache.discard, staged)

@@ -12,10 +12,11 @@ from excp import api
 from excp.chain import Chain
 from excp.codec.params import CodecParams, preset
 from excp.errors import Conflict, InvalidInput
+from excp.exact import ExactCopies, validate_keep
 from server import jobs
 from server.auth import Scope
 from server.context import Caller, Here, RunPath, Svc, run_name
-from server.schemas import ERRORS, CheckpointMeta, RunCreate, RunInfo, RunList
+from server.schemas import ERRORS, CheckpointMeta, ExactMeta, RunCreate, RunInfo, RunList
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"], responses=ERRORS)
 
@@ -44,43 +45,54 @@ def run_info(chain: Chain) -> RunInfo:
     commits = chain.commits()
     stored = sum(c.size for c in commits)
     raw = sum(c.raw_bytes for c in commits)
+    links = {c.step: c.digest for c in commits}
+    exact = [ExactMeta.of(r) for r in ExactCopies(chain.store, chain.run).records()
+             if links.get(r.step) == r.link]
     return RunInfo(name=chain.run, params=config["params"], base=config.get("base"),
+                   keep_exact=int(config.get("keep_exact", 0)), exact=exact,
                    created_at=config.get("created_at"),
                    head=CheckpointMeta.of(chain.run, commits[-1]) if commits else None,
                    checkpoints=len(commits), keyframes=sum(c.keyframe for c in commits),
                    stored_bytes=stored, raw_bytes=raw, ratio=round(raw / stored, 4) if stored else None)
 
 
-def _same_options(config: dict[str, Any], params: CodecParams, body: RunCreate) -> bool:
+def _check_same_options(name: str, config: dict[str, Any], params: CodecParams, body: RunCreate) -> None:
+    """An existing run created again: the same options, or a Conflict naming the fix."""
     base = config.get("base")
     wanted = None if body.base is None else (body.base.seed, body.base.factory)
-    return config.get("params") == params.to_dict() and wanted == (base and (base["seed"], base["factory"]))
+    if config.get("params") != params.to_dict() or wanted != (base and (base["seed"], base["factory"])):
+        raise Conflict(f"run {name!r} already exists with other options: "
+                       "pick another name, or create it with the same options")
+    stored = int(config.get("keep_exact", 0))
+    if body.keep_exact != stored:
+        raise Conflict(f"run {name!r} already exists keeping exact copies of the newest {stored} steps, "
+                       f"not {body.keep_exact}: pass keep_exact {stored}, or pick another name")
 
 
 @router.post("", status_code=201, response_model=RunInfo, summary="Create a run",
              responses={200: {"model": RunInfo, "description": "The run exists with the same options"}})
 async def create_run(body: RunCreate, response: Response, who: Caller, svc: Svc, here: Here) -> RunInfo:
-    """Create a run with a preset and single codec options over it. Creating an existing
-    run with the same options is a no-op (200); with other options, 409. A run
-    started from a seed names a model factory the server was started with
-    (``--allow-factory``)."""
+    """Create a run with a preset and single codec options over it, and how many of its
+    newest steps keep an exact copy (``keep_exact``). Creating an existing run with the
+    same options is a no-op (200); with other options, 409. A run started from a seed
+    names a model factory the server was started with (``--allow-factory``)."""
     name = run_name(body.name)
     who.require(Scope.WRITE, name)
     params = codec_params(body.preset, body.params)
+    keep = validate_keep(body.keep_exact)
     if body.base is not None and body.base.factory not in svc.config.allowed_factories:
         raise InvalidInput(f"model factory {body.base.factory!r} is not allowed on this server: "
                            f"start it with --allow-factory {body.base.factory}")
     chain = Chain(svc.store, name, here)
     async with svc.locks(name):
         if await run_in_threadpool(chain.exists):
-            if not _same_options(await run_in_threadpool(chain.config), params, body):
-                raise Conflict(f"run {name!r} already exists with other options: "
-                               "pick another name, or create it with the same options")
+            _check_same_options(name, await run_in_threadpool(chain.config), params, body)
             response.status_code = 200
         elif body.base is not None:
-            await svc.workers.run(jobs.create_run, name, params.to_dict(), body.base.seed, body.base.factory)
+            await svc.workers.run(jobs.create_run, name, params.to_dict(), body.base.seed, body.base.factory,
+                                  keep)
         else:
-            await run_in_threadpool(jobs.create_run, svc.store, name, params.to_dict(), None, None)
+            await run_in_threadpool(jobs.create_run, svc.store, name, params.to_dict(), None, None, keep)
     return await run_in_threadpool(run_info, chain)
 
 

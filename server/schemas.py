@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from excp.chain import RUN_NAME, RUN_NAME_RULE, Commit
 from excp.codec.params import PRESETS
+from excp.exact import ExactCommit
 
 
 class ErrorDetail(BaseModel):
@@ -35,6 +36,8 @@ class RunCreate(BaseModel):
     params: dict[str, float | int | str] = Field(
         default_factory=dict, description='Single codec options over the preset, e.g. {"keyframe_every": 10}')
     base: BaseIn | None = Field(None, description="Start from weights rebuilt from a seed")
+    keep_exact: int = Field(0, strict=True,
+                            description="Also keep an exact copy of the newest K steps (0: none)")
 
 
 class CheckpointMeta(BaseModel):
@@ -66,10 +69,34 @@ class CommitResult(CheckpointMeta):
     created: bool = Field(description="False when this exact checkpoint was already stored (200)")
 
 
+class ExactMeta(BaseModel):
+    """An exact copy's record: its fields are exactly :class:`excp.exact.ExactCommit`'s,
+    so a training node can mirror the copy and restore the step bit for bit."""
+
+    step: int
+    archive: str = Field(description="Store key of the exact copy's archive")
+    digest: str = Field(description="blake2b-128 of that archive")
+    size: int = Field(description="Stored bytes of that archive")
+    link: str = Field(description="Digest of the link archive the copy corrects")
+    content: str = Field(description="Content hash of the checkpoint the copy gives back")
+    created_at: float
+    version: int
+
+    @classmethod
+    def of(cls, record: ExactCommit) -> ExactMeta:
+        return cls(**asdict(record))
+
+
+class ExactResult(ExactMeta):
+    created: bool = Field(description="False when the step already had its exact copy (200)")
+
+
 class RunInfo(BaseModel):
     name: str
     params: dict[str, Any]
     base: dict[str, Any] | None
+    keep_exact: int = Field(description="How many of the newest steps keep an exact copy")
+    exact: list[ExactMeta] = Field(description="The exact copies of committed links, in step order")
     created_at: float | None
     head: CheckpointMeta | None
     checkpoints: int

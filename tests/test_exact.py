@@ -223,8 +223,8 @@ def test_bad_keep_exact_and_lossy_restores(tmp_path: Path) -> None:
     api.push(second, "r", store=store, keep_exact=1)
     assert api.exact_steps("r", store) == [10]
     with open_target("excp://127.0.0.1:9") as service, \
-            pytest.raises(InvalidInput, match="a service keeps no exact copies"):
-        service.push(first, "r", keep_exact=1)  # refused before anything is sent
+            pytest.raises(InvalidInput, match="keep_exact=-1.*integer K >= 0"):
+        service.push(first, "r", keep_exact=-1)  # refused before anything is sent
 
     api.push(first, "exact", store=store, params=PRESETS["lossless"])
     assert api.exact_steps("exact", store) == [5]

@@ -340,8 +340,10 @@ def follow_saves(run: str, target: str | Store | Target | None, how_often: str,
 def restore(run: str, step: int | str = "latest", model: torch.nn.Module | None = None,
             optimizer: torch.optim.Optimizer | None = None, *, target: str | Store | Target | None = None,
             token: str | None = None, device: str | None = None, out: str | Path | None = None,
-            base: BaseSpec | None = None) -> dict | Bundle:
-    """Restore checkpoint ``step`` (or ``latest``) of ``run`` from a store or a service.
+            base: BaseSpec | None = None, lossy: bool = False) -> dict | Bundle:
+    """Restore checkpoint ``step`` (or ``latest``) of ``run`` from a store or a service,
+    bit for bit where it has an exact copy unless ``lossy`` asks for its link's
+    reconstruction.
 
     With ``model``/``optimizer``, their states are loaded (on ``device``, default the
     model's) and the checkpoint dict is returned, with anything else that was saved
@@ -351,7 +353,7 @@ def restore(run: str, step: int | str = "latest", model: torch.nn.Module | None 
     is returned.
     """
     with open_target(target, token) as opened:
-        bundle = opened.restore(run, step, out, device=device or _device_of(model), base=base)
+        bundle = opened.restore(run, step, out, device=device or _device_of(model), base=base, lossy=lossy)
     if out is not None and model is None and optimizer is None:
         return bundle
     return _load_into(bundle, run, model, optimizer)

@@ -39,6 +39,7 @@ from excp import __version__
 from excp.chain import Base, Commit, PushResult, archive_digest
 from excp.codec.params import CodecParams
 from excp.errors import CorruptData, ExcpError, InvalidInput, ServiceUnavailable, error_for_code
+from excp.exact import ExactCommit
 from excp.target import service_url
 
 log = logging.getLogger("excp.client")
@@ -47,17 +48,21 @@ T = TypeVar("T")
 _CHUNK = 1 << 20
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 _COMMIT_FIELDS = tuple(f.name for f in dataclasses.fields(Commit))
+_EXACT_FIELDS = tuple(f.name for f in dataclasses.fields(ExactCommit))
 _STATUS_CODES = {400: "invalid_input", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                  409: "conflict", 413: "too_large", 422: "corrupt_data"}
 
 
 @dataclass(frozen=True)
 class RunInfo:
-    """A run as the service describes it: its options, its head, its chain statistics."""
+    """A run as the service describes it: its options, its head, its chain statistics,
+    and the exact copies of its committed links."""
 
     name: str
     params: CodecParams
     base: Base | None
+    keep_exact: int
+    exact: tuple[ExactCommit, ...]
     created_at: float | None
     head: Commit | None
     checkpoints: int
@@ -91,6 +96,15 @@ def commit_of(fields: dict[str, Any]) -> Commit:
         return Commit(**{name: fields[name] for name in _COMMIT_FIELDS})
     except (KeyError, TypeError) as exc:
         raise CorruptData(f"the service sent a malformed checkpoint record ({exc}); "
+                          "check that it runs the same excp version") from None
+
+
+def exact_of(fields: dict[str, Any]) -> ExactCommit:
+    """An exact copy's record from the service's JSON (which adds ``created`` to an upload's)."""
+    try:
+        return ExactCommit(**{name: fields[name] for name in _EXACT_FIELDS})
+    except (KeyError, TypeError) as exc:
+        raise CorruptData(f"the service sent a malformed exact copy record ({exc}); "
                           "check that it runs the same excp version") from None
 
 
@@ -188,6 +202,12 @@ class Client:
 
     def _upload(self, method: str, path: str, source: str | Path | BinaryIO, what: str,
                 params: dict[str, str] | None = None, headers: dict[str, str] | None = None) -> PushResult:
+        fields = self._upload_json(method, path, source, what, params, headers)
+        return PushResult(commit_of(fields), bool(fields.get("created")), {})
+
+    def _upload_json(self, method: str, path: str, source: str | Path | BinaryIO, what: str,
+                     params: dict[str, str] | None = None, headers: dict[str, str] | None = None,
+                     ) -> dict[str, Any]:
         with _opened(source) as body:
             def attempt() -> Any:
                 body.seek(0)
@@ -197,8 +217,7 @@ class Client:
                                                        **(headers or {})})
                 return self._check(response)
             response = self._attempts(attempt, what)
-        fields = response.json()
-        return PushResult(commit_of(fields), bool(fields.get("created")), {})
+        return response.json()
 
     # --- service ------------------------------------------------------------------
 
@@ -220,9 +239,11 @@ class Client:
     # --- runs ---------------------------------------------------------------------
 
     def create_run(self, name: str, preset: str = "default", params: dict[str, Any] | None = None,
-                   base: Base | tuple[int, str] | None = None) -> RunInfo:
-        """Create ``name`` (a no-op if it exists with the same options; Conflict otherwise)."""
-        body: dict[str, Any] = {"name": name, "preset": preset, "params": params or {}}
+                   base: Base | tuple[int, str] | None = None, keep_exact: int = 0) -> RunInfo:
+        """Create ``name`` (a no-op if it exists with the same options; Conflict otherwise),
+        keeping an exact copy of its newest ``keep_exact`` steps."""
+        body: dict[str, Any] = {"name": name, "preset": preset, "params": params or {},
+                                "keep_exact": keep_exact}
         if base is not None:
             seed, factory = (base.seed, base.factory) if isinstance(base, Base) else base
             body["base"] = {"seed": seed, "factory": factory}
@@ -271,6 +292,13 @@ class Client:
         return self._upload("PUT", f"/v1/runs/{_seg(run)}/checkpoints/{step}/archive", archive,
                             f"upload run {run!r} step {step}")
 
+    def upload_exact(self, run: str, step: int, archive: str | Path | BinaryIO) -> tuple[ExactCommit, bool]:
+        """Upload the exact copy of ``step``'s committed link, coded with
+        :func:`excp.exact.encode_copy`; returns its record and whether it was created."""
+        fields = self._upload_json("PUT", f"/v1/runs/{_seg(run)}/checkpoints/{step}/exact", archive,
+                                   f"upload the exact copy of run {run!r} step {step}")
+        return exact_of(fields), bool(fields.get("created"))
+
     def upload_raw(self, run: str, step: int, checkpoint: str | Path | BinaryIO,
                    kind: str = "torch") -> PushResult:
         """Upload a ``torch.save`` file (or, with ``kind="safetensors"``, a safetensors
@@ -278,13 +306,15 @@ class Client:
         return self._upload("POST", f"/v1/runs/{_seg(run)}/checkpoints/{step}/raw", checkpoint,
                             f"upload run {run!r} step {step}", params={"kind": kind})
 
-    def restore(self, run: str, step: int | str, out: str | Path, fmt: str = "torch") -> Download:
+    def restore(self, run: str, step: int | str, out: str | Path, fmt: str = "torch",
+                lossy: bool = False) -> Download:
         """Let the service reconstruct ``step`` and stream it into the file ``out``:
         ``torch`` (the checkpoint as pushed), ``safetensors`` or ``tar`` (a Trainer
-        directory)."""
+        directory); bit for bit where the step has an exact copy, unless ``lossy``."""
         target = Path(out)
+        query = {"format": fmt, **({"lossy": "true"} if lossy else {})}
         with self._stream(f"/v1/runs/{_seg(run)}/checkpoints/{step}", f"restore run {run!r} step {step}",
-                          {"format": fmt}) as fetch, open(target, "wb") as handle:
+                          query) as fetch, open(target, "wb") as handle:
             response = fetch(handle)
             size = handle.tell()
         return Download(int(response.headers["X-Excp-Step"]), response.headers.get("X-Excp-Layout", ""),
@@ -299,6 +329,18 @@ class Client:
         digest = archive_digest(out)
         if digest != commit.digest or out.tell() != commit.size:
             raise CorruptData(f"{label}: the downloaded archive does not match its commit record "
+                              f"(digest {digest}, {out.tell()} bytes); run `excp verify` on the server")
+        out.seek(0)
+
+    def download_exact(self, run: str, record: ExactCommit, out: BinaryIO) -> None:
+        """The stored exact copy ``record`` names, checked against its digest as it arrives."""
+        label = f"run {run!r} step {record.step} (exact copy)"
+        with self._stream(f"/v1/runs/{_seg(run)}/checkpoints/{record.step}/exact",
+                          f"download {label}") as fetch:
+            fetch(out)
+        digest = archive_digest(out)
+        if digest != record.digest or out.tell() != record.size:
+            raise CorruptData(f"{label}: the downloaded archive does not match its record "
                               f"(digest {digest}, {out.tell()} bytes); run `excp verify` on the server")
         out.seek(0)
 
@@ -345,7 +387,9 @@ def _run_info(fields: dict[str, Any]) -> RunInfo:
     base = fields.get("base")
     head = fields.get("head")
     return RunInfo(name=fields["name"], params=CodecParams.from_dict(fields["params"]),
-                   base=Base(**base) if base else None, created_at=fields.get("created_at"),
+                   base=Base(**base) if base else None, keep_exact=int(fields.get("keep_exact", 0)),
+                   exact=tuple(exact_of(r) for r in fields.get("exact", ())),
+                   created_at=fields.get("created_at"),
                    head=commit_of(head) if head else None, checkpoints=fields["checkpoints"],
                    keyframes=fields["keyframes"], stored_bytes=fields["stored_bytes"],
                    raw_bytes=fields["raw_bytes"], ratio=fields["ratio"])

@@ -9,15 +9,21 @@ locally, on its own device — so a restore onto a GPU decodes on that GPU, and
 received. The downloaded archives go into a temporary directory store (a *mirror* of
 the run's commit records and the archives needed), where the ordinary chain code
 reads them; its messages name the service, not the mirror.
+
+A run that keeps exact copies gets them the same way: after uploading a link, the
+node codes the step's exact copy against that link as restored on the CPU
+(:func:`excp.exact.encode_copy`, as :func:`excp.api.push` does for a store) and uploads
+it; an exact restore downloads the copy beside the step's links.
 """
 
 from __future__ import annotations
 
+import io
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from excp import api
 from excp.api import BaseSpec, Progress, VerifyReport
@@ -26,9 +32,10 @@ from excp.cache import ReconCache
 from excp.chain import Chain, Commit, Head, PushResult, encode_archive, recon_digest, validate_run
 from excp.client.http import Client, RunInfo
 from excp.codec.params import CodecParams
-from excp.codec.pipeline import Reconstruction
+from excp.codec.pipeline import Reconstruction, decode_archive
 from excp.errors import ChainMismatch, InvalidInput, NotFound
-from excp.exact import validate_keep
+from excp.exact import ExactCopies, encode_copy, on_cpu, validate_keep
+from excp.format.container import ArchiveReader
 from excp.place import Place
 from excp.store import LocalStore, Store, open_store
 from excp.target import Checkpoint, StoreTarget, Target, is_service_url
@@ -53,34 +60,65 @@ class ServiceTarget(Target):
     def push(self, checkpoint: Checkpoint, run: str, *, step: int | None = None,
              params: CodecParams | None = None, base: BaseSpec | None = None, parent: Head | None = None,
              progress: Progress = None, keep_exact: int | None = None) -> tuple[PushResult, Reconstruction]:
-        if keep_exact is not None and validate_keep(keep_exact):
-            raise InvalidInput(f"keep_exact={keep_exact}: a service keeps no exact copies yet; push to a "
-                               "store URL to keep them, or leave keep_exact out")
+        if keep_exact is not None:
+            validate_keep(keep_exact)
         bundle = api.to_bundle(checkpoint)
         step = bundle.step if step is None else step
         if step is None:
             raise InvalidInput("this checkpoint does not say its step: pass --step N")
-        info = self._ensure_run(validate_run(run), params, base)
+        info = self._ensure_run(validate_run(run), params, base, keep_exact)
         head = info.head
         cache = ReconCache(self.url, run)
         parent_of = api.head_recon(parent, cache, lambda commit: self._decoded(run, commit.step, base))
+        used: list[Reconstruction] = []
+
+        def coded_against(commit: Commit) -> Reconstruction:
+            used.append(parent_of(commit))
+            return used[-1]
+
         first = self._first_parent(info, base) if head is None else None
         with tempfile.TemporaryFile() as spool:
-            _, recon = encode_archive(run, info.params, head, bundle, step, spool, parent_of, first, progress)
+            _, recon = encode_archive(run, info.params, head, bundle, step, spool, coded_against, first,
+                                      progress)
             result = self.client.upload_archive(run, step, spool)
+            if info.keep_exact and info.params.mode != "lossless":
+                self._keep_exact_copy(info, bundle, result, spool, used[-1] if used else first, base)
         if not result.created:
             return result, {}
         cache.put(step, result.commit.digest, recon)
         return result, recon
 
-    def _ensure_run(self, run: str, params: CodecParams | None, base: BaseSpec | None) -> RunInfo:
+    def _keep_exact_copy(self, info: RunInfo, bundle: Bundle, result: PushResult, archive: BinaryIO,
+                         parent: Reconstruction | None, base: BaseSpec | None) -> None:
+        """Upload the exact copy of the step just pushed, coded against its link as
+        restored on the CPU: decoded from ``archive`` (the link uploaded) and the
+        reconstruction it was coded against. A step pushed again gets its copy only if
+        it lacks one and is still among the run's newest ``keep_exact``; the service
+        drops the copies beyond those."""
+        run, commit = info.name, result.commit
+        if result.created:
+            size = archive.seek(0, io.SEEK_END)
+            reader = ArchiveReader(archive, size, f"run {run!r} step {commit.step}")
+            lossy, _ = decode_archive(reader, on_cpu(parent), "cpu", weights_only=False)
+        else:
+            steps = [c.step for c in self.client.checkpoints(run)]
+            if commit.step not in steps[-info.keep_exact:] or commit.step in self.exact_steps(run):
+                return
+            lossy = self.restore(run, commit.step, base=base, lossy=True)
+        with tempfile.TemporaryFile() as spool:
+            encode_copy(run, bundle, lossy, commit, info.params.zstd_level, spool)
+            self.client.upload_exact(run, commit.step, spool)
+
+    def _ensure_run(self, run: str, params: CodecParams | None, base: BaseSpec | None,
+                    keep_exact: int | None) -> RunInfo:
         try:
             info = self.client.run(run)
         except NotFound:
             options = (params or CodecParams()).to_dict()
             seed_base = None if base is None else (base.seed, base.factory)
-            return self.client.create_run(run, "default", options, seed_base)
+            return self.client.create_run(run, "default", options, seed_base, keep_exact or 0)
         api.check_options(run, info.params, info.base, params, base)
+        api.check_keep_exact(run, info.keep_exact, keep_exact)
         return info
 
     @staticmethod
@@ -110,7 +148,7 @@ class ServiceTarget(Target):
         info = self.client.run(validate_run(run))
         with tempfile.TemporaryDirectory(prefix="excp-mirror-") as root:
             chain = Chain(LocalStore(root), run, self.place)
-            chain.create(info.params, info.base)
+            chain.create(info.params, info.base, keep_exact=info.keep_exact)
             for commit in self.client.checkpoints(run):
                 chain.adopt(commit)
             yield chain
@@ -127,14 +165,26 @@ class ServiceTarget(Target):
         with self._mirror(run) as chain:
             number = chain.resolve(step)
             self._fetch(chain, chain.path_to(number))
+            if not lossy:
+                self._fetch_exact(chain, [chain.commit(number)])
             return api.restore(run, number, out, store=chain.store, device=device, base=base,
                                progress=progress, lossy=lossy)
 
+    def _fetch_exact(self, chain: Chain, commits: list[Commit]) -> None:
+        """Mirror the exact copies the service has of these commits' links."""
+        links = {(c.step, c.digest) for c in commits}
+        for record in self.client.run(chain.run).exact:
+            if (record.step, record.link) in links:
+                with tempfile.TemporaryFile() as spool:
+                    self.client.download_exact(chain.run, record, spool)
+                    ExactCopies(chain.store, chain.run).adopt(record, spool)
+
     def exact_steps(self, run: str) -> list[int]:
-        """Every step of a lossless-mode run; a service keeps no exact copies otherwise."""
-        if self.params(run).mode != "lossless":
-            return []
-        return [c.step for c in self.commits(run)]
+        """The steps with an exact copy of their link, and every step of a lossless-mode run."""
+        info = self.client.run(validate_run(run))
+        if info.params.mode == "lossless":
+            return [c.step for c in self.commits(run)]
+        return [record.step for record in info.exact]
 
     def runs(self) -> list[str]:
         return self.client.runs()
@@ -154,6 +204,7 @@ class ServiceTarget(Target):
     def verify(self, run: str, *, base: BaseSpec | None = None, progress: Progress = None) -> VerifyReport:
         with self._mirror(run) as chain:
             self._fetch(chain, chain.commits())
+            self._fetch_exact(chain, chain.commits())
             return api.verify(run, store=chain.store, base=base, progress=progress)
 
     def inspect(self, run: str, step: int | str = "latest") -> dict[str, Any]:
