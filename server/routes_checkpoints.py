@@ -199,13 +199,22 @@ async def download_exact(run: RunPath, step: StepOrLatestPath, who: Caller, svc:
         return record
 
     record = await run_in_threadpool(find)
+    return await _stored_archive(svc, record.archive, record.size, record.digest, record.step,
+                                 f"{chain.run}-{record.step}-exact.excp",
+                                 f"run {chain.run!r} step {record.step}: exact archive {record.archive} "
+                                 "is missing; restore it with lossy=true")
+
+
+async def _stored_archive(svc: Services, key: str, size: int, digest: str, step: int, filename: str,
+                          missing: str) -> StreamingResponse:
+    """An archive streamed as stored, with its step and digest in the headers; ``missing``
+    is the error when its record names a key the store has lost."""
     try:
-        handle = await run_in_threadpool(svc.store.open_read, record.archive)
+        handle = await run_in_threadpool(svc.store.open_read, key)
     except NotFound:
-        raise CorruptData(f"run {chain.run!r} step {record.step}: exact archive {record.archive} is missing; "
-                          "restore it with lossy=true") from None
-    return _stream(handle, record.size, "application/octet-stream", f"{chain.run}-{record.step}-exact.excp",
-                   {"X-Excp-Step": str(record.step), "X-Excp-Digest": record.digest})
+        raise CorruptData(missing) from None
+    return _stream(handle, size, "application/octet-stream", filename,
+                   {"X-Excp-Step": str(step), "X-Excp-Digest": digest})
 
 
 def _upload_kind(kind: str | None, content_type: str | None) -> str:
@@ -317,13 +326,10 @@ async def download_archive(run: RunPath, step: StepOrLatestPath, who: Caller, sv
     chain = _readable(run, who, svc, here)
     wanted = step_or_latest(step)
     commit = await run_in_threadpool(lambda: chain.commit(chain.resolve(wanted)))
-    try:
-        handle = await run_in_threadpool(svc.store.open_read, commit.archive)
-    except NotFound:
-        raise CorruptData(f"run {chain.run!r} step {commit.step}: archive {commit.archive} is missing; "
-                          "restore another step") from None
-    return _stream(handle, commit.size, "application/octet-stream", f"{chain.run}-{commit.step}.excp",
-                   {"X-Excp-Step": str(commit.step), "X-Excp-Digest": commit.digest})
+    return await _stored_archive(svc, commit.archive, commit.size, commit.digest, commit.step,
+                                 f"{chain.run}-{commit.step}.excp",
+                                 f"run {chain.run!r} step {commit.step}: archive {commit.archive} "
+                                 "is missing; restore another step")
 
 
 @router.delete("/{step}", status_code=204, summary="Delete a checkpoint no other depends on (admin)")

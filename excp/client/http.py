@@ -322,26 +322,24 @@ class Client:
 
     def download_archive(self, run: str, commit: Commit, out: BinaryIO) -> None:
         """The stored archive of ``commit``, checked against its digest as it arrives."""
-        label = f"run {run!r} step {commit.step}"
-        with self._stream(f"/v1/runs/{_seg(run)}/checkpoints/{commit.step}/archive",
-                          f"download {label}") as fetch:
-            fetch(out)
-        digest = archive_digest(out)
-        if digest != commit.digest or out.tell() != commit.size:
-            raise CorruptData(f"{label}: the downloaded archive does not match its commit record "
-                              f"(digest {digest}, {out.tell()} bytes); run `excp verify` on the server")
-        out.seek(0)
+        self._download_checked(f"/v1/runs/{_seg(run)}/checkpoints/{commit.step}/archive",
+                               f"run {run!r} step {commit.step}", commit.digest, commit.size, out)
 
     def download_exact(self, run: str, record: ExactCommit, out: BinaryIO) -> None:
         """The stored exact copy ``record`` names, checked against its digest as it arrives."""
-        label = f"run {run!r} step {record.step} (exact copy)"
-        with self._stream(f"/v1/runs/{_seg(run)}/checkpoints/{record.step}/exact",
-                          f"download {label}") as fetch:
+        self._download_checked(f"/v1/runs/{_seg(run)}/checkpoints/{record.step}/exact",
+                               f"run {run!r} step {record.step} (exact copy)", record.digest,
+                               record.size, out)
+
+    def _download_checked(self, path: str, label: str, digest: str, size: int, out: BinaryIO) -> None:
+        """Stream a stored archive into ``out`` and rewind it, or fail if its bytes are
+        not the ones its record names."""
+        with self._stream(path, f"download {label}") as fetch:
             fetch(out)
-        digest = archive_digest(out)
-        if digest != record.digest or out.tell() != record.size:
-            raise CorruptData(f"{label}: the downloaded archive does not match its record "
-                              f"(digest {digest}, {out.tell()} bytes); run `excp verify` on the server")
+        got = archive_digest(out)
+        if got != digest or out.tell() != size:
+            raise CorruptData(f"{label}: the downloaded archive does not match its commit record "
+                              f"(digest {got}, {out.tell()} bytes); run `excp verify` on the server")
         out.seek(0)
 
     def delete_checkpoint(self, run: str, step: int) -> None:
