@@ -384,10 +384,7 @@ def gc(run: str | None = None, *, store: str | Store | None = None, dry_run: boo
 
             keys = ShardedRun(st, name).garbage()
         else:
-            keys = chain.garbage()
-            head = chain.head()
-            if head is not None:
-                keys += ExactCopies(st, name).garbage(head.step)
+            keys = chain.garbage() + ExactCopies(st, name).garbage(chain.commits())
         for key in keys:
             report.bytes += st.size(key)
             if not dry_run:

@@ -201,14 +201,34 @@ class ExactCopies:
                 dropped.append(record.step)
         return dropped
 
-    def garbage(self, head: int) -> list[str]:
-        """Exact archives no record names, up to the step before ``head`` (a push may be
-        writing the head's copy: it is collected once a later step is committed)."""
-        named = {r.archive for r in self.records()}
-        found = []
+    def drop(self, step: int) -> None:
+        """Delete ``step``'s exact copy, record first (the step's link was deleted: a copy
+        of it is no use, and its record would keep a re-pushed step from getting its own)."""
+        try:
+            record = ExactCommit.from_json(self.store.get(self._record_key(validate_step(step))),
+                                           f"run {self.run!r}, exact copy of step {step}")
+        except NotFound:
+            return
+        self.store.delete(self._record_key(step))
+        self.store.delete(record.archive)
+
+    def garbage(self, commits: list[Commit]) -> list[str]:
+        """What no committed link needs: records (and their archives) of a link that is
+        no longer its step's (a delete that died before :meth:`drop`), then exact
+        archives no record names, up to the step before the head (a push may be writing
+        the head's copy: it is collected once a later step is committed)."""
+        links = {c.step: c.digest for c in commits}
+        head = commits[-1].step if commits else -1
+        found, named, stale = [], set(), set()
+        for record in self.records():
+            if links.get(record.step) == record.link:
+                named.add(record.archive)
+            else:
+                found.append(self._record_key(record.step))
+                stale.add(record.archive)
         for key in self.store.list(f"{self._prefix}/archives/"):
             step = key.rsplit("/", 1)[-1].split("-", 1)[0]
-            if key not in named and step.isdigit() and int(step) < head:
+            if key in stale or (key not in named and step.isdigit() and int(step) < head):
                 found.append(key)
         return found
 

@@ -342,4 +342,5 @@ async def delete_checkpoint(run: RunPath, step: StepPath, who: Caller, svc: Svc,
     chain = await _writable(run, who, svc, here, Scope.ADMIN)
     async with svc.locks(chain.run):
         await run_in_threadpool(chain.delete, number)
+        await run_in_threadpool(ExactCopies(chain.store, chain.run).drop, number)
     return Response(status_code=204)

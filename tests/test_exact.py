@@ -207,6 +207,30 @@ def test_a_crash_before_the_exact_record_leaves_nothing_visible(tmp_path: Path,
     assert [r.step for r in ExactCopies(store, "r").records()] == [20]
 
 
+def test_a_copy_left_by_a_deleted_link_is_garbage(tmp_path: Path) -> None:
+    """A delete that died between the link and its exact copy leaves a record of a
+    link that is gone: restores ignore it, gc collects it, and the step pushed again
+    gets its own copy."""
+    store = LocalStore(tmp_path / "s")
+    checkpoints = _checkpoints(2)
+    for ckpt in checkpoints:
+        api.push(ckpt, "r", store=store, keep_exact=2)
+    from excp.chain import Chain
+
+    Chain(store, "r").delete(10)  # the link goes; its copy stays behind
+    stale = [key for key in store.list("runs/r/exact/") if "000000000010" in key]
+    assert len(stale) == 2 and api.exact_steps("r", store) == [5]
+    assert api.gc("r", store=store, dry_run=True).keys == sorted(stale, key=lambda k: "/archives/" in k)
+    changed = copy.deepcopy(checkpoints[1])
+    changed["model"] = {k: v * 2 for k, v in changed["model"].items()}
+    assert api.gc("r", store=store).keys and not any(store.exists(key) for key in stale)
+    api.push(changed, "r", store=store)
+    assert api.exact_steps("r", store) == [5, 10]
+    assert _same_bits(api.restore("r", 10, store=store), api.to_bundle(changed))
+    ExactCopies(store, "r").drop(10)
+    assert api.exact_steps("r", store) == [5] and not store.exists("runs/r/exact/commits/000000000010.json")
+
+
 def test_bad_keep_exact_and_lossy_restores(tmp_path: Path) -> None:
     store = str(tmp_path / "s")
     first, second = _checkpoints(2)

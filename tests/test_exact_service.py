@@ -23,7 +23,7 @@ from excp.client import Checkpointer, Client, open_target, restore
 from excp.errors import Conflict, InvalidInput
 from excp.exact import ExactCopies, encode_copy
 from tests.conftest import TinyRun
-from tests.serve_fixtures import TEAM_A, Server, auth, new_backend
+from tests.serve_fixtures import ADMIN, TEAM_A, Server, auth, new_backend
 
 FAST = {"retries": 2, "backoff": 0.05, "max_backoff": 0.2, "timeout": 60.0}
 
@@ -185,6 +185,29 @@ def test_raw_uploads_keep_exact_copies(server: Server, tmp_path: Path) -> None:
     assert not _same_states(older, checkpoints[1]["model"])
     with open_target(_address(server), TEAM_A, **FAST) as service:
         assert _same_checkpoint(api.load_dict(service.restore(run, 15)), checkpoints[2])
+
+
+def test_a_deleted_step_takes_its_exact_copy_with_it(server: Server, tmp_path: Path) -> None:
+    """Deleting the head through the service drops its copy too, so the step pushed
+    again gets an exact copy of its own."""
+    run = "team-a-exact-delete"
+    checkpoints = _checkpoints(2)
+    with Client(_address(server), TEAM_A, **FAST) as client:
+        client.create_run(run, keep_exact=2)
+        for ckpt in checkpoints:
+            torch.save(ckpt, tmp_path / "up.pt")
+            client.upload_raw(run, ckpt["step"], tmp_path / "up.pt")
+    with Client(_address(server), ADMIN, **FAST) as admin:
+        admin.delete_checkpoint(run, 10)
+    assert _exact_steps_in_store(server, run) == [5]
+    changed = copy.deepcopy(checkpoints[1])
+    changed["model"] = {k: v + 1 for k, v in changed["model"].items()}
+    torch.save(changed, tmp_path / "up.pt")
+    with Client(_address(server), TEAM_A, **FAST) as client:
+        assert client.upload_raw(run, 10, tmp_path / "up.pt").created
+        assert [r.step for r in client.run(run).exact] == [5, 10]
+        client.restore(run, 10, tmp_path / "again.pt")
+    assert _same_checkpoint(torch.load(tmp_path / "again.pt", weights_only=True), changed)
 
 
 def test_bad_keep_exact_is_one_line(server: Server) -> None:
