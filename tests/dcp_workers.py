@@ -114,10 +114,10 @@ def load_and_continue(rank: int, world: int, port: int, store: str, plain: str, 
 class _Dying(ExcpStorageWriter):
     """Rank 1 dies (as a killed process does) half-way through writing its shard."""
 
-    def _write_rank(self, rank: int, bundle: Any) -> str:
+    def _write_rank(self, rank: int, bundle: Any, keep: int) -> tuple[str, Any]:
         if rank == 1:
             os._exit(17)
-        return super()._write_rank(rank, bundle)
+        return super()._write_rank(rank, bundle, keep)
 
 
 def save_and_die(rank: int, world: int, port: int, store: str, steps: list[int]) -> None:

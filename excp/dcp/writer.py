@@ -7,7 +7,7 @@ this writer does at each call:
 2. all ranks ``prepare_local_plan``: nothing to change;
 3. the coordinator ``prepare_global_plan``: create the run (or check it is a sharded
    run and the step is new — a refusal here fails every rank before any data moves)
-   and tell each rank its number;
+   and tell each rank its number and how many exact copies the run keeps;
 4. all ranks ``write_data``: code the rank's items against the rank's previous
    reconstruction (kept in this process's memory) and store the archive and its
    record; every rank does this at once, on its own device;
@@ -117,26 +117,27 @@ class ExcpStorageWriter(StorageWriter):
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         self.sharded.ensure(self.params or CodecParams(), self.keep_exact or 0)
         check_options(self.sharded.run, self.sharded.chain.params(), None, self.params, None)
-        check_keep_exact(self.sharded.run, self.sharded.chain.keep_exact(), self.keep_exact)
+        keep = self.sharded.chain.keep_exact()
+        check_keep_exact(self.sharded.run, keep, self.keep_exact)
         if self.sharded.has(self.step):
             raise Conflict(f"run {self.sharded.run!r} already has step {self.step}: save under a new step")
-        return [dataclasses.replace(plan, storage_data=rank) for rank, plan in enumerate(plans)]
+        return [dataclasses.replace(plan, storage_data=(rank, keep)) for rank, plan in enumerate(plans)]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        rank: int = plan.storage_data
+        rank, keep = plan.storage_data
         results: list[WriteResult] = []
         if plan.items:
             bundle, stored = items.to_bundle(plan.items, planner, self.step)
-            digest, copy = self._write_rank(rank, bundle)
+            digest, copy = self._write_rank(rank, bundle, keep)
             results = [WriteResult(index=item.index, size_in_bytes=_size(item), storage_data=(
                 rank, digest, stored[item.index], copy)) for item in plan.items]
         future: Future[list[WriteResult]] = Future()
         future.set_result(results)
         return future
 
-    def _write_rank(self, rank: int, bundle: Bundle) -> tuple[str, RankCopy | None]:
+    def _write_rank(self, rank: int, bundle: Bundle, keep: int) -> tuple[str, RankCopy | None]:
         """Code and store this rank's archive and record, and its exact copy if the run
-        keeps them; returns the archive's digest and the copy."""
+        keeps ``keep`` > 0 of them; returns the archive's digest and the copy."""
         run, store = self.sharded.run, self.sharded.store
         params = self.sharded.chain.params()
         head = self._parent(rank, bundle)
@@ -150,19 +151,19 @@ class ExcpStorageWriter(StorageWriter):
                                    head.commit if head else None)
         store.put(self.sharded.rank_record_key(self.step, rank, summary.digest), commit.to_json())
         copy = None
-        if self.sharded.chain.keep_exact() and params.mode != "lossless":
-            copy = self._write_copy(rank, bundle, commit, head)
+        if keep and params.mode != "lossless":
+            copy = self._write_copy(rank, bundle, commit, head, params.zstd_level)
         remember(store, run, rank, Head(commit, recon), bundle)
         return summary.digest, copy
 
-    def _write_copy(self, rank: int, bundle: Bundle, link: Commit, head: Head | None) -> RankCopy:
+    def _write_copy(self, rank: int, bundle: Bundle, link: Commit, head: Head | None, level: int) -> RankCopy:
         """Store this rank's exact copy, coded against ``link`` restored on the CPU (as an
         exact load decodes it, whatever device saved it); it exists once ``finish``
         writes the step's exact record."""
-        chain = self.sharded.chain
-        lossy, _ = chain.read(link, on_cpu(head.recon) if head else None, "cpu", weights_only=False)
+        lossy, _ = self.sharded.chain.read(link, on_cpu(head.recon) if head else None, "cpu",
+                                           weights_only=False)
         with tempfile.TemporaryFile() as spool:
-            summary = encode_copy(self.sharded.run, bundle, lossy, link, chain.params().zstd_level, spool)
+            summary = encode_copy(self.sharded.run, bundle, lossy, link, level, spool)
             key = ShardedCopies(self.sharded).archive_key(self.step, rank, summary.digest)
             spool.seek(0)
             self.sharded.store.put(key, spool)
