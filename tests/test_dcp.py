@@ -287,6 +287,11 @@ def test_an_exact_record_is_all_or_nothing(tmp_path: Path, monkeypatch: pytest.M
     assert _bitwise(api.load_dict(api.restore("crash", 2, store=store)), second)
     assert api.verify("crash", store=store).checkpoints == 2
 
+    (tmp_path / "s" / "runs/crash/dcp/commits/000000000002.json").unlink()  # a step gone: its copy with it
+    record = ShardedCopies(run).records()[0]
+    assert sorted(api.gc("crash", store=store).keys) == sorted(
+        ["runs/crash/dcp/exact/commits/000000000002.json", record.ranks[0].archive])
+
 
 def test_exact_copies_in_one_process(tmp_path: Path) -> None:
     store = str(tmp_path / "s")
