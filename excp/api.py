@@ -216,11 +216,11 @@ def restore(run: str, step: int | str = "latest", out: str | Path | None = None,
     A step with an exact copy comes back bit for bit, unless ``lossy`` asks for its
     link's reconstruction (what the chain codes the next link against)."""
     chain = Chain(_store(store), run)
+    if lossy:
+        check_lossy(run, chain.params())
     if _is_sharded(chain):
-        bundle = _sharded_bundle(chain, step, device)
+        bundle = _sharded_bundle(chain, step, device, lossy)
     else:
-        if lossy:
-            check_lossy(run, chain.params())
         number = chain.resolve(step)
         exact = None if lossy else ExactCopies(chain.store, run).of(chain.commit(number))
         if exact is None:
@@ -256,7 +256,7 @@ def exact_steps(run: str, store: str | Store | None = None) -> list[int]:
     link, and every step of a lossless-mode run."""
     chain = Chain(_store(store), run)
     if _is_sharded(chain):
-        return []
+        return _sharded_exact_steps(chain)
     commits = chain.commits()
     if chain.params().mode == "lossless":
         return [c.step for c in commits]
@@ -264,14 +264,26 @@ def exact_steps(run: str, store: str | Store | None = None) -> list[int]:
     return [c.step for c in commits if copies.get(c.step) == c.digest]
 
 
-def _sharded_bundle(chain: Chain, step: int | str, device: str) -> Bundle:
+def _sharded_exact_steps(chain: Chain) -> list[int]:
+    """The steps of a sharded run with an exact copy of every rank's link."""
+    from excp.sharded.exact import ShardedCopies
+    from excp.sharded.records import ShardedRun
+
+    sharded = ShardedRun(chain.store, chain.run)
+    commits = {c.step: c for c in sharded.commits()}
+    return [r.step for r in ShardedCopies(sharded).records()
+            if r.step in commits and r.corrects(commits[r.step])]
+
+
+def _sharded_bundle(chain: Chain, step: int | str, device: str, lossy: bool = False) -> Bundle:
     """A torch.distributed.checkpoint step as one ordinary checkpoint (the state dict
-    passed to ``dcp.save``, DTensors as full tensors), assembled in this process."""
+    passed to ``dcp.save``, DTensors as full tensors), assembled in this process: bit
+    for bit where it has an exact copy, unless ``lossy``."""
     from excp.sharded.reader import load_state_dict  # torch.distributed loads only for sharded runs
     from excp.sharded.records import ShardedRun
 
     number = ShardedRun(chain.store, chain.run).resolve(step).step
-    state = load_state_dict(chain.store, chain.run, number, str(_device(device)))
+    state = load_state_dict(chain.store, chain.run, number, str(_device(device)), lossy)
     if torch_dict.model_key(state) is None and not state_dict.is_state_dict(state):
         raise InvalidInput(f"run {chain.run!r} step {number} was saved from a state dict without a model "
                            "state dict under 'model': load it with excp.dcp.ExcpStorageReader")
@@ -342,7 +354,8 @@ def _describe(reader: ArchiveReader) -> dict[str, Any]:
 def rebuild(run: str, out_dir: str | Path, *, store: str | Store | None = None,
             base: BaseSpec | None = None, progress: Progress = None) -> list[Path]:
     """Write every checkpoint of the run, in step order, decoding each link once (the
-    steps of a sharded run are each assembled whole, as ``restore`` does)."""
+    steps of a sharded run are each assembled whole, as ``restore(lossy=True)`` does):
+    each link's reconstruction."""
     chain = Chain(_store(store), run)
     chain.config()
     out = Path(out_dir)
@@ -352,7 +365,7 @@ def rebuild(run: str, out_dir: str | Path, *, store: str | Store | None = None,
     written = []
     if _is_sharded(chain):
         for row in list_commits(run, chain.store):
-            written.append(save_checkpoint(_sharded_bundle(chain, row.step, "cpu"),
+            written.append(save_checkpoint(_sharded_bundle(chain, row.step, "cpu", lossy=True),
                                            out / f"step-{row.step:012d}.pt"))
             if progress:
                 progress(1)
@@ -380,9 +393,11 @@ def gc(run: str | None = None, *, store: str | Store | None = None, dry_run: boo
     for name in [run] if run is not None else list_runs(st):
         chain = Chain(st, name)
         if _is_sharded(chain):
+            from excp.sharded.exact import ShardedCopies
             from excp.sharded.records import ShardedRun
 
-            keys = ShardedRun(st, name).garbage()
+            sharded = ShardedRun(st, name)
+            keys = sharded.garbage() + ShardedCopies(sharded).garbage(sharded.commits())
         else:
             keys = chain.garbage() + ExactCopies(st, name).garbage(chain.commits())
         for key in keys:

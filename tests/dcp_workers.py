@@ -114,10 +114,10 @@ def load_and_continue(rank: int, world: int, port: int, store: str, plain: str, 
 class _Dying(ExcpStorageWriter):
     """Rank 1 dies (as a killed process does) half-way through writing its shard."""
 
-    def _write_rank(self, rank: int, bundle: Any) -> str:
+    def _write_rank(self, rank: int, bundle: Any, keep: int) -> tuple[str, Any]:
         if rank == 1:
             os._exit(17)
-        return super()._write_rank(rank, bundle)
+        return super()._write_rank(rank, bundle, keep)
 
 
 def save_and_die(rank: int, world: int, port: int, store: str, steps: list[int]) -> None:
@@ -128,4 +128,39 @@ def save_and_die(rank: int, world: int, port: int, store: str, steps: list[int])
         _train(model, optimizer, 2, seed=step)
         writer = (_Dying if step == steps[-1] else ExcpStorageWriter)(store, "dying", step)
         dcp.save(_state(model, optimizer), storage_writer=writer)
+    _leave()
+
+
+def _full(tree: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor of a state dict by path, DTensors gathered whole (a collective: every
+    rank calls it on the same tree)."""
+    if isinstance(tree, torch.Tensor):
+        return {prefix: tree.full_tensor() if hasattr(tree, "full_tensor") else tree.clone()}
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in _full(value, f"{prefix}/{key}").items()}
+    return {}
+
+
+def save_exact(rank: int, world: int, port: int, store: str, plain: str, steps: list[int], out: str) -> None:
+    """Save ``steps`` keeping the exact copy of the newest, then load each step back on
+    these ranks and tell, per step, whether every tensor came back bit for bit."""
+    _join(rank, world, port)
+    model, optimizer = _model()
+    saved = {}
+    for step in steps:
+        _train(model, optimizer, 2, seed=step)
+        state = _state(model, optimizer)
+        dcp.save(state, storage_writer=ExcpStorageWriter(store, "exact", step, keep_exact=1))
+        dcp.save(state, checkpoint_id=f"{plain}/{step}")
+        saved[step] = _full(state)
+    equal = {}
+    for step in steps:
+        fresh_model, fresh_optimizer = _model()
+        state = _state(fresh_model, fresh_optimizer)
+        dcp.load(state, storage_reader=ExcpStorageReader(store, "exact", step))
+        loaded = _full(state)
+        equal[step] = loaded.keys() == saved[step].keys() and all(
+            t.dtype == saved[step][n].dtype and torch.equal(t, saved[step][n]) for n, t in loaded.items())
+    if rank == 0:
+        (Path(out) / "exact.json").write_text(json.dumps({str(s): e for s, e in equal.items()}))
     _leave()

@@ -26,6 +26,7 @@ from excp.codec import adam
 from excp.codec.params import PRESETS
 from excp.dcp import ExcpStorageReader, ExcpStorageWriter, load_state_dict
 from excp.errors import InvalidInput
+from excp.sharded.exact import ShardedCopies
 from excp.sharded.records import ShardedRun
 from excp.store import LocalStore
 from tests import dcp_workers
@@ -160,6 +161,31 @@ def test_a_rank_dying_mid_save_leaves_no_commit(tmp_path: Path) -> None:
     assert state["optim"]["state"]  # the previous step restores whole
 
 
+@pytest.mark.slow
+def test_exact_copies_on_2_ranks(tmp_path: Path) -> None:
+    """keep_exact=1: the newest step loads bit for bit on the ranks and in one process,
+    older ones give their reconstruction, and only the newest copy is kept."""
+    store, plain = tmp_path / "store", tmp_path / "plain"
+    codes = _spawn(dcp_workers.save_exact, 2, str(store), str(plain), [2, 4, 6], str(tmp_path))
+    assert codes == [0, 0]
+    assert json.loads((tmp_path / "exact.json").read_text()) == {"2": False, "4": False, "6": True}
+    run = ShardedRun(LocalStore(store), "exact")
+    assert [r.step for r in ShardedCopies(run).records()] == [6]
+    assert api.exact_steps("exact", str(store)) == [6]
+    assert sorted(ShardedCopies(run).records()[0].ranks) == [0, 1]
+    assert len(list((store / "runs/exact/dcp/exact/ranks").rglob("*.excp"))) == 2
+    want = {step: _tensors(_plain(plain / str(step), tmp_path)) for step in (4, 6)}
+    for step, exact in ((6, True), (4, False)):
+        got = _tensors(api.load_dict(api.restore("exact", step, store=str(store))))
+        assert got.keys() == want[step].keys()
+        assert all(got[n].dtype == t.dtype for n, t in want[step].items())
+        assert all(torch.equal(got[n], t) for n, t in want[step].items()) == exact, step
+    lossy = _tensors(api.load_dict(api.restore("exact", 6, store=str(store), lossy=True)))
+    assert not all(torch.equal(lossy[n], t) for n, t in want[6].items())
+    model = {n: t for n, t in want[6].items() if "/model/" in n}
+    assert all(float((lossy[n] - t).abs().max()) <= WEIGHT_ERROR for n, t in model.items())
+
+
 # --- one process, no process group: pairing, options, bad input ----------------------------
 
 
@@ -218,6 +244,82 @@ def test_bad_input(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     assert "run r step 2 committed" in caplog.text
     assert api.restore("r", 2, store=store).step == 2
     assert ShardedRun(LocalStore(tmp_path / "s"), "r").commit(2).ranks[0].parent == 1
+
+
+def _trained(model: torch.nn.Module, optimizer: torch.optim.Optimizer
+             ) -> tuple[dict[str, torch.Tensor], dict]:
+    """One more training step; the state dict to save, and a copy of its tensors by path
+    (training changes the model's own in place)."""
+    model(torch.randn(4, 16)).sum().backward()
+    optimizer.step()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    return {k: v.clone() for k, v in _tensors(state).items()}, state
+
+
+def _bitwise(got: dict, want: dict[str, torch.Tensor]) -> bool:
+    tensors = _tensors(got)
+    assert tensors.keys() == want.keys() and all(tensors[n].dtype == t.dtype for n, t in want.items())
+    return all(torch.equal(tensors[n], t) for n, t in want.items())
+
+
+def test_an_exact_record_is_all_or_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A save that dies after its step's commit but before its exact record leaves the
+    step restorable from its links; gc collects the copies no record names."""
+    store = str(tmp_path / "s")
+    model, optimizer = _plain_model()
+    first, state = _trained(model, optimizer)
+    with monkeypatch.context() as patched:
+        patched.setattr(ShardedCopies, "put", lambda self, record: (_ for _ in ()).throw(OSError("lost")))
+        with pytest.raises(CheckpointException, match="lost"):
+            dcp.save(state, storage_writer=ExcpStorageWriter(store, "crash", 1, keep_exact=1))
+    run = ShardedRun(LocalStore(tmp_path / "s"), "crash")
+    assert run.steps() == [1] and api.exact_steps("crash", store) == []
+    orphans = [str(p.relative_to(tmp_path / "s")) for p in (tmp_path / "s").rglob("dcp/exact/ranks/*/*.excp")]
+    assert len(orphans) == 1
+    assert not _bitwise(api.load_dict(api.restore("crash", 1, store=store)), first)
+    assert api.gc("crash", store=store).keys == []  # the latest step's copy may still be on its way
+
+    second, state = _trained(model, optimizer)
+    dcp.save(state, storage_writer=ExcpStorageWriter(store, "crash", 2))
+    assert api.exact_steps("crash", store) == [2]
+    assert api.gc("crash", store=store).keys == orphans
+    assert _bitwise(api.load_dict(api.restore("crash", 2, store=store)), second)
+    assert api.verify("crash", store=store).checkpoints == 2
+
+    (tmp_path / "s" / "runs/crash/dcp/commits/000000000002.json").unlink()  # a step gone: its copy with it
+    record = ShardedCopies(run).records()[0]
+    assert sorted(api.gc("crash", store=store).keys) == sorted(
+        ["runs/crash/dcp/exact/commits/000000000002.json", record.ranks[0].archive])
+
+
+def test_exact_copies_in_one_process(tmp_path: Path) -> None:
+    store = str(tmp_path / "s")
+    model, optimizer = _plain_model()
+    for step in (1, 2):
+        original, state = _trained(model, optimizer)
+        dcp.save(state, storage_writer=ExcpStorageWriter(store, "one", step, keep_exact=1))
+    loaded = {"model": state["model"], "optim": state["optim"]}
+    for tensor in _tensors(loaded).values():
+        tensor.zero_()
+    dcp.load(loaded, storage_reader=ExcpStorageReader(store, "one", 2))
+    assert _bitwise(loaded, original)
+    dcp.load(loaded, storage_reader=ExcpStorageReader(store, "one", 2, lossy=True))
+    assert not _bitwise(loaded, original)
+
+    lossy = api.restore("one", 2, store=store, lossy=True)
+    assert _bitwise(load_state_dict(LocalStore(tmp_path / "s"), "one", 2, lossy=True),
+                    _tensors(api.load_dict(lossy)))
+    for record in (tmp_path / "s").rglob("dcp/exact/commits/*.json"):
+        record.unlink()  # without its record the step has no exact copy: its links alone
+    assert api.exact_steps("one", store) == []
+    assert _bitwise(api.load_dict(api.restore("one", 2, store=store)), _tensors(api.load_dict(lossy)))
+
+    with pytest.raises(CheckpointException, match=r"InvalidInput: run 'one' was created keeping exact copies "
+                       r"of the newest 1 steps, not 2"):
+        dcp.save(state, storage_writer=ExcpStorageWriter(store, "one", 3, keep_exact=2))
+    with pytest.raises(InvalidInput, match="keep_exact=-1"):
+        ExcpStorageWriter(store, "one", 3, keep_exact=-1)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

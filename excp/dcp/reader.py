@@ -20,9 +20,10 @@ class ExcpStorageReader(ShardedStepReader):
         dcp.load(state_dict, storage_reader=ExcpStorageReader("s3://ckpts/team", "llm-7b", "latest"))
 
     ``device``: where saved shards are decoded (``cuda`` on a GPU node) before the
-    requested slices are copied into the state dict's tensors.
+    requested slices are copied into the state dict's tensors. A step with an exact
+    copy loads bit for bit; ``lossy`` loads its reconstruction.
     """
 
     def __init__(self, target: str | Store | Target | None, run: str, step: int | str = "latest", *,
-                 device: str = "cpu") -> None:
-        super().__init__(store_of(target), run, step, device=device)
+                 device: str = "cpu", lossy: bool = False) -> None:
+        super().__init__(store_of(target), run, step, device=device, lossy=lossy)

@@ -7,13 +7,19 @@ this writer does at each call:
 2. all ranks ``prepare_local_plan``: nothing to change;
 3. the coordinator ``prepare_global_plan``: create the run (or check it is a sharded
    run and the step is new — a refusal here fails every rank before any data moves)
-   and tell each rank its number;
+   and tell each rank its number and how many exact copies the run keeps;
 4. all ranks ``write_data``: code the rank's items against the rank's previous
    reconstruction (kept in this process's memory) and store the archive and its
    record; every rank does this at once, on its own device;
 5. the coordinator ``finish``: store DCP's metadata, then the step's commit record,
    with ``put_if_absent``. Only now does the step exist; a rank that died in 4 means
    DCP never calls 5, and the previous step stays the latest.
+
+A run created with ``keep_exact=K`` also keeps exact copies of its newest K steps: in 4
+each rank codes its shard exactly against its own link restored on the CPU and stores
+that archive too; in 5, after the commit record, the coordinator writes the step's one
+exact record naming every rank's copy, then drops the copies of older steps
+(:mod:`excp.sharded.exact`).
 
 The reconstruction a rank keeps is used for its next save only if the step it
 belongs to was committed and the rank's tensors are laid out the same (same world
@@ -38,12 +44,14 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
-from excp.api import check_options
+from excp.api import check_keep_exact, check_options
 from excp.bundle import Bundle
 from excp.chain import Commit, Head, encode_archive, validate_step
 from excp.codec.params import CodecParams, params_of
 from excp.dcp import items
 from excp.errors import Conflict, CorruptData, InvalidInput, NotFound
+from excp.exact import encode_copy, on_cpu, validate_keep
+from excp.sharded.exact import RankCopy, ShardedCopies, ShardedExactCommit
 from excp.sharded.heads import layout_of, recall, remember
 from excp.sharded.reader import no_checkpoint_id
 from excp.sharded.records import ShardedCommit, ShardedRun
@@ -77,15 +85,18 @@ class ExcpStorageWriter(StorageWriter):
         dcp.save(state_dict, storage_writer=ExcpStorageWriter("s3://ckpts/team", "llm-7b", step))
 
     ``preset`` sets the codec options of a new run (a name or :class:`CodecParams`);
-    an existing run keeps its own.
+    an existing run keeps its own. ``keep_exact``: for a new run, how many of the newest
+    steps also keep an exact copy of every rank's shard (default 0); an existing run
+    keeps its own, and a different number is refused.
     """
 
     def __init__(self, target: str | Store | Target | None, run: str, step: int, *,
-                 preset: str | CodecParams | None = None) -> None:
+                 preset: str | CodecParams | None = None, keep_exact: int | None = None) -> None:
         super().__init__()
         self.sharded = ShardedRun(store_of(target), run)
         self.step = validate_step(step)
         self.params = params_of(preset)
+        self.keep_exact = None if keep_exact is None else validate_keep(keep_exact)
 
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         no_checkpoint_id(checkpoint_id, "ExcpStorageWriter")
@@ -104,26 +115,29 @@ class ExcpStorageWriter(StorageWriter):
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
-        self.sharded.ensure(self.params or CodecParams())
+        self.sharded.ensure(self.params or CodecParams(), self.keep_exact or 0)
         check_options(self.sharded.run, self.sharded.chain.params(), None, self.params, None)
+        keep = self.sharded.chain.keep_exact()
+        check_keep_exact(self.sharded.run, keep, self.keep_exact)
         if self.sharded.has(self.step):
             raise Conflict(f"run {self.sharded.run!r} already has step {self.step}: save under a new step")
-        return [dataclasses.replace(plan, storage_data=rank) for rank, plan in enumerate(plans)]
+        return [dataclasses.replace(plan, storage_data=(rank, keep)) for rank, plan in enumerate(plans)]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        rank: int = plan.storage_data
+        rank, keep = plan.storage_data
         results: list[WriteResult] = []
         if plan.items:
             bundle, stored = items.to_bundle(plan.items, planner, self.step)
-            digest = self._write_rank(rank, bundle)
+            digest, copy = self._write_rank(rank, bundle, keep)
             results = [WriteResult(index=item.index, size_in_bytes=_size(item), storage_data=(
-                rank, digest, stored[item.index])) for item in plan.items]
+                rank, digest, stored[item.index], copy)) for item in plan.items]
         future: Future[list[WriteResult]] = Future()
         future.set_result(results)
         return future
 
-    def _write_rank(self, rank: int, bundle: Bundle) -> str:
-        """Code and store this rank's archive and record; returns the archive's digest."""
+    def _write_rank(self, rank: int, bundle: Bundle, keep: int) -> tuple[str, RankCopy | None]:
+        """Code and store this rank's archive and record, and its exact copy if the run
+        keeps ``keep`` > 0 of them; returns the archive's digest and the copy."""
         run, store = self.sharded.run, self.sharded.store
         params = self.sharded.chain.params()
         head = self._parent(rank, bundle)
@@ -136,8 +150,24 @@ class ExcpStorageWriter(StorageWriter):
         commit = Commit.of_archive(summary.header, key, summary.digest, summary.size,
                                    head.commit if head else None)
         store.put(self.sharded.rank_record_key(self.step, rank, summary.digest), commit.to_json())
+        copy = None
+        if keep and params.mode != "lossless":
+            copy = self._write_copy(rank, bundle, commit, head, params.zstd_level)
         remember(store, run, rank, Head(commit, recon), bundle)
-        return summary.digest
+        return summary.digest, copy
+
+    def _write_copy(self, rank: int, bundle: Bundle, link: Commit, head: Head | None, level: int) -> RankCopy:
+        """Store this rank's exact copy, coded against ``link`` restored on the CPU (as an
+        exact load decodes it, whatever device saved it); it exists once ``finish``
+        writes the step's exact record."""
+        lossy, _ = self.sharded.chain.read(link, on_cpu(head.recon) if head else None, "cpu",
+                                           weights_only=False)
+        with tempfile.TemporaryFile() as spool:
+            summary = encode_copy(self.sharded.run, bundle, lossy, link, level, spool)
+            key = ShardedCopies(self.sharded).archive_key(self.step, rank, summary.digest)
+            spool.seek(0)
+            self.sharded.store.put(key, spool)
+        return RankCopy(key, summary.digest, summary.size, link.digest, summary.header["content"])
 
     def _parent(self, rank: int, bundle: Bundle) -> Head | None:
         """The reconstruction this rank codes against, or None for a keyframe."""
@@ -175,7 +205,9 @@ class ExcpStorageWriter(StorageWriter):
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         store = self.sharded.store
-        metadata.storage_data = {r.index: r.storage_data for rank_results in results for r in rank_results}
+        # what a load needs: (rank, link digest, name); the rank's exact copy goes in its own record
+        metadata.storage_data = {r.index: r.storage_data[:3] for rank_results in results
+                                 for r in rank_results}
         data = ShardedRun.dump_metadata(metadata)
         key = self.sharded.metadata_key(self.step, hashlib.blake2b(data, digest_size=16).hexdigest())
         store.put(key, data)
@@ -189,6 +221,19 @@ class ExcpStorageWriter(StorageWriter):
             raise Conflict(f"run {self.sharded.run!r}: another save committed step {self.step} first")
         log.info("excp: run %s step %d committed: %d ranks, %.1fx", self.sharded.run, self.step,
                  len(ranks), commit.ratio)
+        copies = {r.storage_data[0]: r.storage_data[3] for rank_results in results for r in rank_results}
+        if copies and all(copies.values()):
+            self._commit_copies(commit, copies)
+
+    def _commit_copies(self, commit: ShardedCommit, copies: dict[int, RankCopy]) -> None:
+        """Write the step's exact record, naming every rank's copy (after the commit
+        record: a copy exists only of a committed step, and for all its ranks), then
+        drop the copies of steps beyond the newest ``keep_exact``."""
+        exact = ShardedCopies(self.sharded)
+        if exact.put(ShardedExactCommit(step=commit.step, ranks=copies)):
+            log.info("excp: run %s step %d: exact copy of %d ranks kept", self.sharded.run, self.step,
+                     len(copies))
+        exact.retain(self.sharded.chain.keep_exact(), self.sharded.steps())
 
 
 def _size(item: Any) -> int:

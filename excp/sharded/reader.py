@@ -8,6 +8,10 @@ saved rank that holds a requested chunk it decodes that rank's chain up to the s
 requested slices into the planner's tensors, and drops the decoded shard before the
 next one, so a loading rank holds at most one saved rank's shard at a time.
 
+A step with an exact copy (:mod:`excp.sharded.exact`) is served bit for bit: each
+saved rank's shard is decoded on the CPU, as its copy was coded against it, corrected,
+then moved to the decoding device; ``lossy`` serves the reconstruction instead.
+
 Without a process group (one process), DCP loads everything: :func:`load_state_dict`
 returns the whole state dict, as ``excp restore`` writes it. :func:`verify` checks
 every step of a sharded run.
@@ -34,6 +38,7 @@ from excp.chain import Head
 from excp.codec.pipeline import Reconstruction
 from excp.errors import CorruptData, InvalidInput
 from excp.format.container import ArchiveReader
+from excp.sharded.exact import ShardedCopies, ShardedExactCommit
 from excp.sharded.heads import remember
 from excp.sharded.records import ShardedCommit, ShardedRun
 from excp.store import Store
@@ -56,14 +61,17 @@ class ShardedStepReader(StorageReader):
     """Load step ``step`` (or ``latest``) of sharded run ``run`` from ``store``.
 
     ``device``: where saved shards are decoded (``cuda`` on a GPU node) before the
-    requested slices are copied into the state dict's tensors.
+    requested slices are copied into the state dict's tensors. ``lossy``: serve the
+    reconstruction even where the step has an exact copy.
     """
 
-    def __init__(self, store: Store, run: str, step: int | str = "latest", *, device: str = "cpu") -> None:
+    def __init__(self, store: Store, run: str, step: int | str = "latest", *, device: str = "cpu",
+                 lossy: bool = False) -> None:
         super().__init__()
         self.sharded = ShardedRun(store, run)
-        self.wanted, self.device = step, torch.device(device)
+        self.wanted, self.device, self.lossy = step, torch.device(device), lossy
         self.commit: ShardedCommit | None = None
+        self.exact: ShardedExactCommit | None = None
         self.storage_data: dict[Any, Any] = {}
         self.rank = 0
 
@@ -87,6 +95,7 @@ class ShardedStepReader(StorageReader):
         self.rank = this_rank(kwargs)
         if self.commit is None:  # DCP may hand over metadata read by another instance
             self.commit = self.sharded.resolve(self.wanted)
+        self.exact = None if self.lossy else ShardedCopies(self.sharded).of(self.commit)
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         return plan
@@ -117,10 +126,18 @@ class ShardedStepReader(StorageReader):
         return future
 
     def _decode(self, rank: int) -> Bundle:
-        """Saved rank ``rank``'s shard at the step, decoded from its keyframe."""
-        bundle, recon = decoded(self.sharded, self.commit, rank, self.device)
+        """Saved rank ``rank``'s shard at the step, decoded from its keyframe (and made
+        exact by its copy, if served exactly). The rank's own reconstruction is kept as
+        the parent of its next save, which is coded against the link either way."""
+        device = self.device if self.exact is None else torch.device("cpu")
+        bundle, recon = decoded(self.sharded, self.commit, rank, device)
         if rank == self.rank and torch.distributed.is_initialized():
             remember(self.sharded.store, self.sharded.run, rank, Head(self.commit.ranks[rank], recon), bundle)
+        if self.exact is None:
+            return bundle
+        bundle = ShardedCopies(self.sharded).apply(self.exact, rank, bundle)
+        for entry in bundle.tensors.values():
+            entry.tensor = entry.tensor.to(self.device)
         return bundle
 
 
@@ -157,8 +174,9 @@ def _serve(request: Any, name: str, shard: Bundle, planner: LoadPlanner, label: 
 
 def verify(store: Store, run: str, progress: Callable[[int], None] | None = None) -> tuple[int, int]:
     """Check every step of a sharded run: its metadata loads, every rank's archive
-    passes its checksums and decodes against its parent. Each rank's chain is decoded
-    once, in step order. Returns (steps, bytes checked)."""
+    passes its checksums and decodes against its parent, and every exact archive passes
+    its checksums. Each rank's chain is decoded once, in step order. Returns (steps,
+    bytes checked)."""
     sharded = ShardedRun(store, run)
     last: dict[int, tuple[int, Reconstruction]] = {}
     steps = checked = 0
@@ -179,15 +197,19 @@ def verify(store: Store, run: str, progress: Callable[[int], None] | None = None
         checked += commit.size
         if progress:
             progress(1)
+    copies = ShardedCopies(sharded)
+    checked += sum(copies.verify(record) for record in copies.records())
     return steps, checked
 
 
-def load_state_dict(store: Store, run: str, step: int | str = "latest", device: str = "cpu") -> dict:
+def load_state_dict(store: Store, run: str, step: int | str = "latest", device: str = "cpu",
+                    lossy: bool = False) -> dict:
     """The whole state dict of a sharded step in this process, as it was passed to
-    ``dcp.save`` (DTensors come back as full tensors)."""
+    ``dcp.save`` (DTensors come back as full tensors): bit for bit where the step has
+    an exact copy, unless ``lossy``."""
     state: dict = {}
     # What torch's own dcp_to_torch_save does: the empty planner fills ``state`` from the
     # metadata (the public dcp.load fills a copy of the dict it is given).
-    _load_state_dict(state, storage_reader=ShardedStepReader(store, run, step, device=device),
+    _load_state_dict(state, storage_reader=ShardedStepReader(store, run, step, device=device, lossy=lossy),
                      planner=_EmptyStateDictLoadPlanner(), no_dist=True)
     return state

@@ -7,6 +7,7 @@ Layout (next to an ordinary run's, under the same ``runs/<run>/``)::
     runs/<run>/dcp/ranks/<r:05d>/<step:012d>-<digest>.json     its record (a Commit)
     runs/<run>/dcp/steps/<step:012d>/metadata-<digest>.pt      DCP's Metadata
     runs/<run>/dcp/commits/<step:012d>.json                  the step's commit record
+    runs/<run>/dcp/exact/...                                 exact copies (excp.sharded.exact)
 
 Each rank writes its archive and its record (keys named by content, so a retried or
 crashed attempt never overwrites another's bytes); the coordinator writes DCP's
@@ -126,10 +127,10 @@ class ShardedRun:
     def is_sharded(self) -> bool:
         return self.chain.config().get("kind") == KIND
 
-    def ensure(self, params: Any) -> None:
+    def ensure(self, params: Any, keep_exact: int = 0) -> None:
         """Create the run as a sharded one, or check that it is one."""
         if not self.chain.exists():
-            self.chain.create(params, None, kind=KIND)
+            self.chain.create(params, None, kind=KIND, keep_exact=keep_exact)
         if not self.is_sharded():
             raise InvalidInput(f"run {self.run!r} holds ordinary checkpoints, not "
                                "torch.distributed.checkpoint saves: save to a new run name")
@@ -179,6 +180,11 @@ class ShardedRun:
         latest = commits[-1].step
         keys = self.store.list(f"{self._prefix}/ranks/") + self.store.list(f"{self._prefix}/steps/")
         return [k for k in keys if k not in named and (_step(k) is not None and _step(k) <= latest)]
+
+    def steps(self) -> list[int]:
+        """The committed steps, in order (from the keys alone)."""
+        keys = self.store.list(f"{self._prefix}/commits/")
+        return [int(key.rsplit("/", 1)[-1].split(".")[0]) for key in keys if key.endswith(".json")]
 
     def put_commit(self, commit: ShardedCommit) -> bool:
         """Write the commit record; False if the step already has one."""
