@@ -99,6 +99,20 @@ class ExactCommit:
         return read_record(data, label, lambda fields: cls(**fields))
 
 
+def apply_stored(store: Store, archive: str, size: int, content: str, lossy: Bundle, label: str,
+                 instead: str) -> Bundle:
+    """``lossy`` made exact by the stored copy ``archive`` (``size`` bytes, of the original
+    whose content digest is ``content``); ``instead`` is what to do when it is missing."""
+    try:
+        stored = store.size(archive)
+    except NotFound:
+        raise CorruptData(f"{label}: archive {archive} is missing; {instead}") from None
+    if stored != size:
+        raise CorruptData(f"{label}: archive is {stored} bytes, its record says {size}")
+    with store.open_read(archive) as handle:
+        return decode_exact(ArchiveReader(handle, size, label), lossy, content)
+
+
 class ExactCopies:
     """The exact copies of one run in one store."""
 
@@ -179,15 +193,8 @@ class ExactCopies:
 
     def apply(self, record: ExactCommit, lossy: Bundle) -> Bundle:
         """``lossy`` (the step's link, restored on the CPU) made exact by ``record``'s copy."""
-        label = f"run {self.run!r} step {record.step} (exact copy)"
-        try:
-            size = self.store.size(record.archive)
-        except NotFound:
-            raise CorruptData(f"{label}: archive {record.archive} is missing; restore with --lossy") from None
-        if size != record.size:
-            raise CorruptData(f"{label}: archive is {size} bytes, its record says {record.size}")
-        with self.store.open_read(record.archive) as handle:
-            return decode_exact(ArchiveReader(handle, size, label), lossy, record.content)
+        return apply_stored(self.store, record.archive, record.size, record.content, lossy,
+                            f"run {self.run!r} step {record.step} (exact copy)", "restore with --lossy")
 
     def retain(self, keep: int, steps: list[int]) -> list[int]:
         """Delete the exact copies of all but the newest ``keep`` of ``steps`` (the run's

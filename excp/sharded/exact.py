@@ -23,8 +23,8 @@ from typing import Any
 
 from excp.bundle import Bundle
 from excp.chain import RECORD_VERSION, read_record, validate_step
-from excp.codec.exact import decode_exact
-from excp.errors import CorruptData, NotFound
+from excp.errors import NotFound
+from excp.exact import apply_stored
 from excp.format.container import ArchiveReader
 from excp.sharded.records import ShardedCommit, ShardedRun
 
@@ -107,15 +107,9 @@ class ShardedCopies:
     def apply(self, record: ShardedExactCommit, rank: int, lossy: Bundle) -> Bundle:
         """``lossy`` (rank ``rank``'s link, restored on the CPU) made exact by its copy."""
         copy = record.ranks[rank]
-        label = f"run {self.sharded.run!r} step {record.step} rank {rank} (exact copy)"
-        try:
-            size = self.store.size(copy.archive)
-        except NotFound:
-            raise CorruptData(f"{label}: archive {copy.archive} is missing; load the step lossy") from None
-        if size != copy.size:
-            raise CorruptData(f"{label}: archive is {size} bytes, its record says {copy.size}")
-        with self.store.open_read(copy.archive) as handle:
-            return decode_exact(ArchiveReader(handle, size, label), lossy, copy.content)
+        return apply_stored(self.store, copy.archive, copy.size, copy.content, lossy,
+                            f"run {self.sharded.run!r} step {record.step} rank {rank} (exact copy)",
+                            "load the step lossy")
 
     def retain(self, keep: int, steps: list[int]) -> list[int]:
         """Delete the exact copies of all but the newest ``keep`` of ``steps`` (the run's
