@@ -164,9 +164,9 @@ class Copies:
             counts["rounds_over_keep"] += excess
             steps = api.exact_steps(run, store=st)
             counts["exact_steps_checked"] += len(steps)
-            head = api.list_commits(run, store=st)[-1].step
-            if head not in steps:
-                self.uncopied.add((run, head))
+            commits = api.list_commits(run, store=st)
+            if commits and commits[-1].step not in steps:
+                self.uncopied.add((run, commits[-1].step))
 
 
 def _kill(job: subprocess.Popen) -> bool:

@@ -57,6 +57,7 @@ from excp import api  # noqa: E402
 from excp.chain import Chain  # noqa: E402
 from excp.client import Client  # noqa: E402
 from excp.client.target import ServiceTarget  # noqa: E402
+from excp.codec.exact import content_digest  # noqa: E402
 from excp.codec.params import CodecParams  # noqa: E402
 from excp.errors import ExcpError, NotFound  # noqa: E402
 from excp.store.s3 import MIN_PART_SIZE, S3Store  # noqa: E402
@@ -144,10 +145,16 @@ class Campaign:
 
     def restore(self, run: str) -> None:
         step = self.rng.choice([c.step for c in Chain(self.clean, run).commits()])
-        digest = api.restore(run, step, store=self.store).digest()
+        digest = api.restore(run, step, store=self.store, lossy=bool(self.keep)).digest()
         if digest != self._truth(run, step):
             self.counts["data_lost"] += 1
             print(f"{run} step {step}: restored through faults to other bytes", file=sys.stderr)
+        if self.keep and step in api.exact_steps(run, store=self.clean):
+            exact = api.restore(run, step, store=self.store)
+            self.counts["exact_restores_through_faults"] += 1
+            if content_digest(exact) != self.pushed[run, step]:
+                self.counts["data_lost"] += 1
+                print(f"{run} step {step}: exact restore through faults is not the pushed", file=sys.stderr)
 
     def verify(self, run: str) -> None:
         api.verify(run, store=self.store)
@@ -200,9 +207,12 @@ class Campaign:
                 self.counts["newest_without_copy"] += len(newest - exact)
 
     def _truth(self, run: str, step: int, digest: str | None = None) -> str:
-        """What ``step`` restored to the first time it was restored without faults."""
+        """What ``step``'s link restored to the first time it was restored without faults
+        (with exact copies kept, its lossy restore: an exact one is checked against what
+        was pushed instead)."""
         if (run, step) not in self.truth:
-            self.truth[run, step] = digest or api.restore(run, step, store=self.clean).digest()
+            self.truth[run, step] = digest or api.restore(run, step, store=self.clean,
+                                                          lossy=bool(self.keep)).digest()
         return self.truth[run, step]
 
     def _committed(self, run: str, step: int) -> bool:
@@ -299,8 +309,9 @@ def main() -> None:
         "operations": {op: dict(c) for op, c in campaign.ops.items()},
         "commits": len(campaign.truth), "committed_despite_error": counts["committed_despite_error"],
         "steps_reverified": counts["steps_reverified"], "gc_deleted": counts["gc_deleted"],
-        **({"exact": {key: counts[key] for key in ("exact_steps_checked", "exact_archives_collected",
-                                                   "checks_over_keep", "newest_without_copy")}}
+        **({"exact": {key: counts[key] for key in ("exact_steps_checked", "exact_restores_through_faults",
+                                                   "exact_archives_collected", "checks_over_keep",
+                                                   "newest_without_copy")}}
            if args.keep_exact else {}),
         "service": {**{k: v for k, v in service.items() if k != "data_lost"},
                     **{k: round(v, 1) for k, v in slowest.items()}},
