@@ -13,13 +13,24 @@ it after a random delay.
 ``excp://HOST:PORT``, and raw ``torch.save`` uploads the server's workers compress —
 then SIGKILLs the *server* (and its workers) after a random delay, then the pusher.
 
+``--keep-exact K``: every run keeps exact copies of its newest K steps (every pusher
+passes K: ``excp push --keep-exact``, the hook's ``keep_exact``, the service's
+``create_run``), so a kill may also land between a link's commit and its exact copy's
+archive, record, or the drop of the oldest copy.
+
 After every round: ``excp verify`` passes, every committed step restores bit-equal to
 what was restored of it after the round it was committed in (nothing committed ever
 changes), no commit names a missing archive, and ``excp gc`` removes only unreferenced
-archives and leaves a chain that still verifies. Prints the counts as JSON.
+archives and leaves a chain that still verifies. With ``--keep-exact``, before and
+after gc: no exact record names a missing archive, every step ``exact_steps`` lists
+restores to the content digest of the file ``excp push`` was given (CLI steps) or, for
+the hook's and raw uploads' steps, to its record's and to what it restored to the
+first time, and at most K exact steps exist (K + 1 after a push killed between its
+record and the drop of the oldest copy, counted). Prints the counts as JSON.
 
     python benchmarks/crash.py --rounds 100
     python benchmarks/crash.py --target service --rounds 100
+    python benchmarks/crash.py --rounds 15 --keep-exact 1
 """
 
 from __future__ import annotations
@@ -45,6 +56,7 @@ from excp.errors import NotFound
 from excp.store import open_store
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.copies import check_copies, pushed_digest  # noqa: E402
 from benchmarks.serving import ROOT, ServeProcess  # noqa: E402
 from tests.s3_fixtures import moto_server, moto_settings, new_bucket  # noqa: E402
 
@@ -54,7 +66,7 @@ sys.path.insert(0, {root!r})
 from tests.conftest import TinyRun
 from excp.client import Checkpointer
 tiny = TinyRun(seed={seed}, width={width})
-ckpt = Checkpointer("hook", {store!r}, every=10)
+ckpt = Checkpointer("hook", {store!r}, every=10, keep_exact={keep})
 start = ckpt.restore(tiny.model, tiny.opt)
 tiny.step = start["step"] if start else 0
 for _ in range(1000):
@@ -69,7 +81,7 @@ sys.path.insert(0, {root!r})
 from tests.conftest import TinyRun
 from excp.client import Client
 client = Client({url!r}, retries=0)
-client.create_run("raw")
+client.create_run("raw", keep_exact={keep})
 done = client.checkpoints("raw")
 step = done[-1].step if done else 0
 tiny = TinyRun(seed={seed}, width={width})
@@ -86,9 +98,11 @@ SERVICE_WIDTH = 16384
 kill more often lands inside an upload or a server-side compression."""
 
 
-def _cli_job(where: list[str], work: Path, step: int, seed: int, width: int) -> list[str]:
+def _cli_job(where: list[str], work: Path, step: int, seed: int, width: int, keep: int,
+             pushed: dict[tuple[str, int], str]) -> list[str]:
     """``excp push`` of a new checkpoint at ``step``; ``where`` is ``--store URL`` or
-    ``--server URL``."""
+    ``--server URL``. Records the checkpoint's content digest in ``pushed``: what an
+    exact copy of the step must restore to."""
     sys.path.insert(0, str(ROOT))
     from tests.conftest import TinyRun
 
@@ -96,8 +110,9 @@ def _cli_job(where: list[str], work: Path, step: int, seed: int, width: int) -> 
     checkpoint = TinyRun(seed=seed, width=width).advance(3 + step % 7)
     checkpoint["step"] = step
     torch.save(checkpoint, path)
+    pushed["cli", step] = pushed_digest(path)
     return [sys.executable, "-c", "from excp.cli import main; main()", "push", str(path), "--run", "cli",
-            *where]
+            *where, *(["--keep-exact", str(keep)] if keep else [])]
 
 
 def _check(store: str, run: str, seen: dict[tuple[str, int], str]) -> int:
@@ -118,6 +133,40 @@ def _check(store: str, run: str, seen: dict[tuple[str, int], str]) -> int:
     return checked
 
 
+class Copies:
+    """What the exact-copy checks carry from round to round: the runs' K, the content
+    digests of checkpoints pushed by the CLI, what each exact step restored to first,
+    and the steps left without their copy (a kill between the link's commit and its
+    exact record)."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self.pushed: dict[tuple[str, int], str] = {}
+        self.seen: dict[tuple[str, int], str] = {}
+        self.uncopied: set[tuple[str, int]] = set()
+
+    def counts(self) -> dict[str, int]:
+        return {"exact_steps_checked": 0, "exact_archives_collected": 0, "rounds_over_keep": 0} \
+            if self.keep else {}
+
+    def check(self, store: str, runs: tuple[str, ...], counts: dict[str, int], after_gc: bool) -> None:
+        """The exact-copy invariants of every run (see ``benchmarks/copies.py``); stops
+        the campaign at the first violation."""
+        if not self.keep:
+            return
+        st = open_store(store)
+        for run in runs:
+            problems, excess = check_copies(st, run, self.keep, self.pushed, self.seen)
+            if problems:
+                raise SystemExit("\n".join(problems))
+            if after_gc or not Chain(st, run).exists():
+                continue
+            counts["rounds_over_keep"] += excess
+            steps = api.exact_steps(run, store=st)
+            counts["exact_steps_checked"] += len(steps)
+            commits = api.list_commits(run, store=st)
+            if commits and commits[-1].step not in steps:
+                self.uncopied.add((run, commits[-1].step))
 
 
 def _kill(job: subprocess.Popen) -> bool:
@@ -130,30 +179,37 @@ def _kill(job: subprocess.Popen) -> bool:
 
 
 def _after_round(store: str, runs: tuple[str, ...], seen: dict[tuple[str, int], str],
-                 counts: dict[str, int]) -> None:
+                 counts: dict[str, int], copies: Copies) -> None:
     counts["rounds"] += 1
     for run in runs:
         _check(store, run, seen)
-    counts["gc_deleted"] += len(api.gc(store=store).keys)
+    copies.check(store, runs, counts, after_gc=False)
+    keys = api.gc(store=store).keys
+    counts["gc_deleted"] += len(keys)
+    if copies.keep:
+        counts["exact_archives_collected"] += sum("/exact/archives/" in key for key in keys)
     for run in runs:
         _check(store, run, seen)
+    copies.check(store, runs, counts, after_gc=True)
 
 
 def kill_pushers(rounds: int, rng: random.Random, work: Path, env: dict[str, str],
-                 seen: dict[tuple[str, int], str], store: str) -> dict[str, int]:
-    counts = {"rounds": 0, "killed": 0, "finished_before_kill": 0, "gc_deleted": 0}
+                 seen: dict[tuple[str, int], str], store: str, copies: Copies) -> dict[str, int]:
+    counts = {"rounds": 0, "killed": 0, "finished_before_kill": 0, "gc_deleted": 0, **copies.counts()}
     for round_ in range(rounds):
         if round_ % 2 == 0:
-            command = _cli_job(["--store", store], work, 10 * (round_ + 1), round_, STORE_WIDTH)
+            command = _cli_job(["--store", store], work, 10 * (round_ + 1), round_, STORE_WIDTH, copies.keep,
+                               copies.pushed)
         else:
             command = [sys.executable, "-c",
-                       HOOK_JOB.format(root=str(ROOT), seed=round_, store=store, width=STORE_WIDTH)]
+                       HOOK_JOB.format(root=str(ROOT), seed=round_, store=store, width=STORE_WIDTH,
+                                       keep=copies.keep)]
         job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         # python + torch start in about a second, then the CLI pushes once (1.7 s in
         # all, idle) and the hook pushes every 10 steps until it is killed
         time.sleep(rng.uniform(1.0, 3.5) if round_ % 2 == 0 else rng.uniform(1.5, 5.0))
         counts["killed" if _kill(job) else "finished_before_kill"] += 1
-        _after_round(store, ("cli", "hook"), seen, counts)
+        _after_round(store, ("cli", "hook"), seen, counts, copies)
     return counts
 
 
@@ -165,19 +221,21 @@ def _pushes_in_flight(url: str) -> int:
 
 
 def kill_servers(rounds: int, rng: random.Random, work: Path, env: dict[str, str],
-                 seen: dict[tuple[str, int], str], store: str) -> dict[str, int]:
+                 seen: dict[tuple[str, int], str], store: str, copies: Copies) -> dict[str, int]:
     counts = {"rounds": 0, "servers_killed": 0, "killed_mid_push": 0, "pushers_cut_off": 0,
-              "pushers_finished": 0, "gc_deleted": 0}
+              "pushers_finished": 0, "gc_deleted": 0, **copies.counts()}
     for round_ in range(rounds):
         server = ServeProcess(work, store, env=env, own_group=True)
         url = server.base
         kind = SERVICE_RUNS[round_ % len(SERVICE_RUNS)]
         if kind == "cli":
-            command = _cli_job(["--server", url], work, 10 * (round_ + 1), round_, SERVICE_WIDTH)
+            command = _cli_job(["--server", url], work, 10 * (round_ + 1), round_, SERVICE_WIDTH, copies.keep,
+                               copies.pushed)
         else:
             job = HOOK_JOB if kind == "hook" else RAW_JOB
             command = [sys.executable, "-c",
-                       job.format(root=str(ROOT), seed=round_, store=url, url=url, width=SERVICE_WIDTH)]
+                       job.format(root=str(ROOT), seed=round_, store=url, url=url, width=SERVICE_WIDTH,
+                                  keep=copies.keep)]
         pusher = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         # the pusher starts in about 1.5 s, then pushes until it fails or ends; every
         # other kill waits for an upload in flight (a push is a small part of the time)
@@ -190,7 +248,7 @@ def kill_servers(rounds: int, rng: random.Random, work: Path, env: dict[str, str
         time.sleep(rng.uniform(0.0, 1.0))  # the pusher meets the dead server, or not yet
         _kill(pusher)
         counts["pushers_finished" if pusher.returncode == 0 else "pushers_cut_off"] += 1
-        _after_round(store, SERVICE_RUNS, seen, counts)
+        _after_round(store, SERVICE_RUNS, seen, counts, copies)
     return counts
 
 
@@ -203,11 +261,14 @@ def main() -> None:
                         help="kill pushers writing to a store, or the server they push to")
     parser.add_argument("--s3", action="store_true", help="with --target service: the server's store is "
                         "a bucket on moto's S3 server instead of a directory")
+    parser.add_argument("--keep-exact", type=int, default=0, metavar="K",
+                        help="runs keep exact copies of their newest K steps, checked after every round")
     args = parser.parse_args()
     if args.s3 and args.target != "service":
         parser.error("--s3 goes with --target service")
     rng = random.Random(args.seed)
     seen: dict[tuple[str, int], str] = {}
+    copies = Copies(args.keep_exact)
     with tempfile.TemporaryDirectory() as tmp, moto_server() if args.s3 else nullcontext() as endpoint:
         work = Path(tmp)
         store = str(work / "store")
@@ -217,10 +278,12 @@ def main() -> None:
         env = {**os.environ, "EXCP_CACHE": str(work / "cache"), "OMP_NUM_THREADS": "1"}
         start = time.perf_counter()
         if args.target == "store":
-            counts = kill_pushers(args.rounds, rng, work, env, seen, store)
+            counts = kill_pushers(args.rounds, rng, work, env, seen, store, copies)
         else:
-            counts = kill_servers(args.rounds, rng, work, env, seen, store)
+            counts = kill_servers(args.rounds, rng, work, env, seen, store, copies)
         counts["steps_committed"] = len(seen)
+        if copies.keep:
+            counts["steps_left_without_copy"] = len(copies.uncopied)
         counts["seconds"] = round(time.perf_counter() - start)
     counts["data_lost"] = 0  # _check stops the campaign at the first change; verify raises on a failure
     print(json.dumps(counts, indent=1))

@@ -21,7 +21,16 @@ nothing may commit; once the store is back the same server, never restarted, mus
 ready and commit the same upload; and a client pushing while the store is down must
 get there by its retries. Prints the counts as JSON; ``data_lost`` must be 0.
 
+``--keep-exact K``: the campaign's runs keep exact copies of their newest K steps, so
+faults also hit a push between its link's commit and its exact copy's archive, record
+and the drop of the oldest copy. At every check and after the campaign (then after
+``excp gc`` and ``excp verify`` on the fault-free view too): no exact record names a
+missing archive, every step ``exact_steps`` lists restores to the content digest of
+the checkpoint pushed for it, and at most K exact steps exist (K + 1 after a push
+refused between its record and the drop, counted).
+
     python benchmarks/faults.py --rounds 30 --rate 0.3 --seed 0
+    python benchmarks/faults.py --rounds 8 --keep-exact 1
 """
 
 from __future__ import annotations
@@ -43,10 +52,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.copies import check_copies, pushed_digest  # noqa: E402
 from excp import api  # noqa: E402
 from excp.chain import Chain  # noqa: E402
 from excp.client import Client  # noqa: E402
 from excp.client.target import ServiceTarget  # noqa: E402
+from excp.codec.exact import content_digest  # noqa: E402
 from excp.codec.params import CodecParams  # noqa: E402
 from excp.errors import ExcpError, NotFound  # noqa: E402
 from excp.store.s3 import MIN_PART_SIZE, S3Store  # noqa: E402
@@ -82,14 +93,16 @@ class Wide:
 class Campaign:
     """The random plan against one faulty store, checked against the fault-free view."""
 
-    def __init__(self, store: S3Store, clean: S3Store, proxy: FaultProxy, seed: int) -> None:
-        self.store, self.clean, self.proxy = store, clean, proxy
+    def __init__(self, store: S3Store, clean: S3Store, proxy: FaultProxy, seed: int, keep: int) -> None:
+        self.store, self.clean, self.proxy, self.keep = store, clean, proxy, keep
         self.rng = random.Random(seed)
         self.tiny = {"tiny-a": TinyRun(seed=seed), "tiny-b": TinyRun(seed=seed + 1)}
         self.wide = Wide(seed)
         self.steps: Counter[str] = Counter()
         self.committed: set[str] = set()  # the runs with a commit, which the other operations need
         self.truth: dict[tuple[str, int], str] = {}
+        self.pushed: dict[tuple[str, int], str] = {}  # content digests an exact restore must give
+        self.exact_seen: dict[tuple[str, int], str] = {}
         self.ops = {op: Counter(attempted=0, succeeded=0, survived_faults=0, refused_cleanly=0)
                     for op in OPERATIONS}
         self.counts: Counter[str] = Counter()
@@ -115,9 +128,11 @@ class Campaign:
         self.steps[run] += 10
         step = self.steps[run]
         checkpoint = self.wide.advance() if run == "wide" else self.tiny[run].advance(3)
+        if self.keep:
+            self.pushed[run, step] = pushed_digest(checkpoint)
         try:
             result, _ = api.push(checkpoint, run, step=step, store=self.store,
-                                 params=WIDE if run == "wide" else None)
+                                 params=WIDE if run == "wide" else None, keep_exact=self.keep or None)
         except ExcpError:
             if self._committed(run, step):  # the commit landed; only its answer was lost
                 self.counts["committed_despite_error"] += 1
@@ -130,16 +145,24 @@ class Campaign:
 
     def restore(self, run: str) -> None:
         step = self.rng.choice([c.step for c in Chain(self.clean, run).commits()])
-        digest = api.restore(run, step, store=self.store).digest()
+        digest = api.restore(run, step, store=self.store, lossy=bool(self.keep)).digest()
         if digest != self._truth(run, step):
             self.counts["data_lost"] += 1
             print(f"{run} step {step}: restored through faults to other bytes", file=sys.stderr)
+        if self.keep and step in api.exact_steps(run, store=self.clean):
+            exact = api.restore(run, step, store=self.store)
+            self.counts["exact_restores_through_faults"] += 1
+            if content_digest(exact) != self.pushed[run, step]:
+                self.counts["data_lost"] += 1
+                print(f"{run} step {step}: exact restore through faults is not the pushed", file=sys.stderr)
 
     def verify(self, run: str) -> None:
         api.verify(run, store=self.store)
 
     def gc(self, run: str) -> None:
-        self.counts["gc_deleted"] += len(api.gc(run, store=self.store).keys)
+        keys = api.gc(run, store=self.store).keys
+        self.counts["gc_deleted"] += len(keys)
+        self.counts["exact_archives_collected"] += sum("/exact/archives/" in key for key in keys)
 
     def check(self) -> None:
         """The fault-free view: every run verifies, and every committed step restores to
@@ -154,11 +177,42 @@ class Campaign:
                     self.counts["data_lost"] += 1
                     print(f"{run} step {commit.step}: restores differently than before", file=sys.stderr)
                 self.counts["steps_reverified"] += 1
+            self.check_copies(run)
+
+    def check_copies(self, run: str) -> None:
+        """The exact-copy invariants of ``run`` on the fault-free view."""
+        if not self.keep:
+            return
+        problems, excess = check_copies(self.clean, run, self.keep, self.pushed, self.exact_seen)
+        for problem in problems:
+            self.counts["data_lost"] += 1
+            print(problem, file=sys.stderr)
+        self.counts["checks_over_keep"] += excess
+        self.counts["exact_steps_checked"] += len(api.exact_steps(run, store=self.clean))
+
+    def final(self) -> None:
+        """After the campaign, without faults: gc, then every run verifies and its exact
+        copies hold; counts the newest K steps a refused push left without a copy."""
+        keys = api.gc(store=self.clean).keys
+        self.counts["gc_deleted"] += len(keys)
+        self.counts["exact_archives_collected"] += sum("/exact/archives/" in key for key in keys)
+        for run in (*self.tiny, "wide"):
+            if not Chain(self.clean, run).exists():
+                continue
+            api.verify(run, store=self.clean)
+            self.check_copies(run)
+            if self.keep:
+                newest = {c.step for c in Chain(self.clean, run).commits()[-self.keep:]}
+                exact = set(api.exact_steps(run, store=self.clean))
+                self.counts["newest_without_copy"] += len(newest - exact)
 
     def _truth(self, run: str, step: int, digest: str | None = None) -> str:
-        """What ``step`` restored to the first time it was restored without faults."""
+        """What ``step``'s link restored to the first time it was restored without faults
+        (with exact copies kept, its lossy restore: an exact one is checked against what
+        was pushed instead)."""
         if (run, step) not in self.truth:
-            self.truth[run, step] = digest or api.restore(run, step, store=self.clean).digest()
+            self.truth[run, step] = digest or api.restore(run, step, store=self.clean,
+                                                          lossy=bool(self.keep)).digest()
         return self.truth[run, step]
 
     def _committed(self, run: str, step: int) -> bool:
@@ -216,6 +270,8 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=0.3, help="share of S3 requests that fail")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--outages", type=int, default=2, help="store outages under a running service")
+    parser.add_argument("--keep-exact", type=int, default=0, metavar="K",
+                        help="the campaign's runs keep exact copies of their newest K steps")
     args = parser.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -225,12 +281,14 @@ def main() -> None:
         with FaultProxy(endpoint, rate=args.rate, seed=args.seed, stall=1.5) as proxy:
             store = S3Store(bucket, "bench", endpoint_url=proxy.url, connect_timeout=1, read_timeout=1,
                             multipart_threshold=MIN_PART_SIZE, multipart_chunksize=MIN_PART_SIZE)
-            campaign = Campaign(store, S3Store(bucket, "bench", endpoint_url=endpoint), proxy, args.seed)
+            campaign = Campaign(store, S3Store(bucket, "bench", endpoint_url=endpoint), proxy, args.seed,
+                                args.keep_exact)
             for number in range(args.rounds):
                 campaign.round(number)
                 if number % 5 == 4 or number == args.rounds - 1:
                     campaign.check()
             plan = proxy.counts()
+            campaign.final()
         service: Counter[str] = Counter()
         slowest: Counter[str] = Counter()
         with FaultProxy(endpoint) as proxy:
@@ -251,6 +309,10 @@ def main() -> None:
         "operations": {op: dict(c) for op, c in campaign.ops.items()},
         "commits": len(campaign.truth), "committed_despite_error": counts["committed_despite_error"],
         "steps_reverified": counts["steps_reverified"], "gc_deleted": counts["gc_deleted"],
+        **({"exact": {key: counts[key] for key in ("exact_steps_checked", "exact_restores_through_faults",
+                                                   "exact_archives_collected", "checks_over_keep",
+                                                   "newest_without_copy")}}
+           if args.keep_exact else {}),
         "service": {**{k: v for k, v in service.items() if k != "data_lost"},
                     **{k: round(v, 1) for k, v in slowest.items()}},
         "seconds": round(time.perf_counter() - start),
