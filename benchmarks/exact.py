@@ -12,16 +12,24 @@ reports:
   of its checkpoints (what keeping the last three checkpoints takes).
 
     python benchmarks/exact.py --config tiny --steps 500 --every 10
+    python benchmarks/exact.py --hf --steps 60 --every 20     # Hugging Face Trainer checkpoints
+
+``--hf`` fine-tunes all-MiniLM-L6-v2 with the Trainer (the fidelity benchmark's job; needs
+the bench extra) and measures its checkpoint directories instead; their ``torch.save``
+size is the directory's bytes.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import io
 import json
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -58,10 +66,21 @@ def _lossless_sizes(previous: dict, last: dict) -> tuple[int, int]:
     return alone.commit.size, link.commit.size
 
 
-def _torch_save_size(ckpt: dict) -> int:
+def _torch_save_size(ckpt: dict | Path) -> int:
+    if isinstance(ckpt, Path):
+        return sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
     buffer = io.BytesIO()
     torch.save(ckpt, buffer)
     return buffer.tell()
+
+
+def _hf_checkpoints(root: Path, steps: int, every: int) -> list[Path]:
+    """Trainer checkpoint directories of the fidelity benchmark's MiniLM fine-tune."""
+    from excp.bench.fidelity_hf import HFRegime, _Run
+
+    regime = dataclasses.replace(HFRegime(), steps=steps, every=every)
+    _Run(regime, root).trainer(root / "out", steps, {}).train()
+    return [root / "out" / f"checkpoint-{step}" for step in range(every, steps + 1, every)]
 
 
 def main() -> None:
@@ -69,11 +88,21 @@ def main() -> None:
     parser.add_argument("--config", default="tiny")
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--every", type=int, default=10)
+    parser.add_argument("--hf", action="store_true", help="Hugging Face Trainer checkpoints (MiniLM).")
     parser.add_argument("--json", default=None, help="Also write the figures to this file.")
     args = parser.parse_args()
-    checkpoints: list[dict] = []
-    run_chain(args.config, args.steps, args.every, 0,
-              lambda step, state: checkpoints.append(copy.deepcopy(state)))
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoints: list = []
+        if args.hf:
+            checkpoints = _hf_checkpoints(Path(tmp), args.steps, args.every)
+            args.config = "all-MiniLM-L6-v2 (HF Trainer)"
+        else:
+            run_chain(args.config, args.steps, args.every, 0,
+                      lambda step, state: checkpoints.append(copy.deepcopy(state)))
+        _measure(args, checkpoints)
+
+
+def _measure(args: argparse.Namespace, checkpoints: list) -> None:
     last = checkpoints[-1]
     parameters = api.to_bundle(last).num_parameters()
 
