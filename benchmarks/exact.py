@@ -76,10 +76,10 @@ def _torch_save_size(ckpt: dict | Path) -> int:
 
 def _hf_checkpoints(root: Path, steps: int, every: int) -> list[Path]:
     """Trainer checkpoint directories of the fidelity benchmark's MiniLM fine-tune."""
-    from excp.bench.fidelity_hf import HFRegime, _Run
+    from excp.bench.fidelity_hf import FineTune, HFRegime
 
     regime = dataclasses.replace(HFRegime(), steps=steps, every=every)
-    _Run(regime, root).trainer(root / "out", steps, {}).train()
+    FineTune(regime, root).trainer(root / "out", steps, {}).train()
     return [root / "out" / f"checkpoint-{step}" for step in range(every, steps + 1, every)]
 
 

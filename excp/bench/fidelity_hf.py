@@ -71,7 +71,7 @@ class _Data(torch.utils.data.Dataset):
         return self.items[i]
 
 
-class _Run:
+class FineTune:
     """One fine-tuning job: model, data and Trainer factory."""
 
     def __init__(self, regime: HFRegime, root: Path) -> None:
@@ -134,7 +134,7 @@ def run_hf_regime(regime: HFRegime, presets: dict[str, CodecParams], log: Log) -
     log(f"{regime.name}: {regime}")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        job = _Run(regime, root)
+        job = FineTune(regime, root)
         start = time.perf_counter()
         ref: dict[str, Any] = {"eval_at": {s for s in range(regime.every, regime.steps + 1, regime.every)}
                                | {n + HORIZON for n in regime.phases}}
@@ -152,7 +152,7 @@ def run_hf_regime(regime: HFRegime, presets: dict[str, CodecParams], log: Log) -
     return out
 
 
-def _closed_loop(job: _Run, params: CodecParams, ref: dict, root: Path, log: Log) -> dict[str, Any]:
+def _closed_loop(job: FineTune, params: CodecParams, ref: dict, root: Path, log: Log) -> dict[str, Any]:
     regime, store, head = job.regime, MemoryStore(), None
     raw = stored = 0
     deltas: dict[int, float] = {}
@@ -177,7 +177,7 @@ def _closed_loop(job: _Run, params: CodecParams, ref: dict, root: Path, log: Log
     return result
 
 
-def _resume_once(job: _Run, params: CodecParams, ref: dict, root: Path, log: Log) -> dict[str, Any]:
+def _resume_once(job: FineTune, params: CodecParams, ref: dict, root: Path, log: Log) -> dict[str, Any]:
     regime, store, head = job.regime, MemoryStore(), None
     raw = stored = 0
     for step in range(regime.every, max(regime.phases) + 1, regime.every):
